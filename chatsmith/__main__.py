@@ -1,0 +1,75 @@
+"""The command table: `chatsmith <stage> [--flags]` → `module.function(cfg)`.
+
+Each stage's flags come from its config dataclass (config.py); `chatsmith <stage> --help` lists them.
+Modules are imported only when their command runs, so `chatsmith --help` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from .common import UserError
+
+# command -> (module, function, config class as "module:Name", one-line help)
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "tokenizer train": ("chatsmith.tokenizer", "train_main", "chatsmith.config:TokenizerStage",
+                        "train the byte-level BPE tokenizer on the run's documents"),
+    "tokenizer eval": ("chatsmith.tokenizer", "eval_main", "chatsmith.tokenizer:EvalStage",
+                       "bytes/token on held-out English and Chinese, beside GPT-2, cl100k and o200k"),
+    "data prepare": ("chatsmith.data.shards", "main", "chatsmith.config:DataStage",
+                     "tokenize the run's documents into token shards (parallel, resumable)"),
+    "pretrain": ("chatsmith.train", "main", "chatsmith.config:PretrainStage",
+                 "pretrain the base model on the run's token shards"),
+    "bench train": ("chatsmith.bench", "train_main", "chatsmith.bench:TrainBench",
+                    "training tokens/s and MFU beside HF transformers, JSON out"),
+    "bench data": ("chatsmith.bench", "data_main", "chatsmith.bench:DataBench",
+                   "data prepare throughput in MB/s, JSON out"),
+    "speedrun": ("chatsmith.speedrun", "main", "chatsmith.config:SpeedrunStage",
+                 "run every stage in order: data, tokenizer, pretrain, samples"),
+}
+
+
+def _resolve(path: str):
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = ["usage: chatsmith <command> [--flags]   (chatsmith <command> --help for its flags)", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {entry[3]}" for name, entry in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    for words in (2, 1):
+        name = " ".join(argv[:words])
+        if len(argv) >= words and name in COMMANDS:
+            rest = argv[words:]
+            break
+    else:
+        print(f"chatsmith: unknown command {' '.join(argv[:2])!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, func, stage, help_text = COMMANDS[name]
+    from . import config
+
+    try:
+        stage_cls = _resolve(stage)
+        cfg = config.parse(stage_cls, rest, prog=f"chatsmith {name}", description=help_text)
+        result = getattr(importlib.import_module(module), func)(cfg)
+    except UserError as e:
+        print(f"chatsmith {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"chatsmith {name}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

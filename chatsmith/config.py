@@ -1,0 +1,270 @@
+"""Configuration: one frozen dataclass per section, stages composed of sections, presets as plain functions.
+
+Every field of every section becomes a `--kebab-case` flag whose help is the field's `help` metadata, so the
+dataclasses are the single source of truth for defaults, `--help` and the `config.json` saved with every run.
+Precedence: dataclass default < preset < command-line flag.
+
+    cfg = config.parse(config.PretrainStage, ["--preset", "smoke", "--depth", "2"])
+    cfg.model.depth  # 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .common import UserError, atomic_write_json
+from .model import ModelConfig
+
+
+def opt(default, help: str):
+    """A dataclass field with a default and the help text its command-line flag shows."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use a tuple for sequence defaults: configs are frozen")
+    return field(default=default, metadata={"help": help})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sections
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run: str = opt("", "run name under $CHATSMITH_HOME/runs; default: the preset name")
+    preset: str = opt("cpu", "preset: smoke (tests, seconds) or cpu (the CPU speedrun, minutes)")
+    seed: int = opt(1337, "random seed for everything")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    sources: tuple[str, ...] = opt(
+        ("pkg:sharegpt", "pkg:people-daily", "pkg:idioms", "pkg:chatterbot"),
+        "document sources: local:PATH, hf:NAME[:CONFIG]:SPLIT, pkg:sharegpt|people-daily|idioms|chatterbot",
+    )
+    val_fraction: float = opt(0.01, "fraction of documents held out for validation (by document hash)")
+    max_docs: int = opt(0, "stop after this many documents per source; 0 means all")
+    text_field: str = opt("text", "field holding the text in jsonl and parquet sources")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    vocab_size: int = opt(32768, "BPE vocabulary size including special tokens")
+    train_chars: int = opt(200_000_000, "characters of training documents the BPE is trained on")
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    shard_docs: int = opt(2048, "documents per token shard")
+    workers: int = opt(0, "tokenizer processes for data prepare; 0 means one per CPU core")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    matrix_lr: float = opt(0.02, "Muon learning rate for hidden weight matrices")
+    embed_lr: float = opt(0.2, "AdamW learning rate for the token embedding (scaled by 1/sqrt(width/768))")
+    head_lr: float = opt(0.004, "AdamW learning rate for the output head (scaled by 1/sqrt(width/768))")
+    scalar_lr: float = opt(0.04, "AdamW learning rate for norm weights")
+    weight_decay: float = opt(0.0, "decoupled weight decay on hidden matrices")
+    adam_betas: tuple[float, ...] = opt((0.8, 0.95), "AdamW betas")
+    warmup_frac: float = opt(0.0, "fraction of steps spent warming the learning rate up")
+    warmdown_frac: float = opt(0.2, "fraction of steps at the end spent decaying the learning rate to zero")
+    final_lr_frac: float = opt(0.0, "learning rate at the very end, as a fraction of the peak")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = opt(1000, "optimizer steps")
+    device_batch: int = opt(8, "sequences per forward pass")
+    batch_tokens: int = opt(0, "tokens per optimizer step (gradient accumulation); 0 means one forward pass")
+    eval_every: int = opt(100, "steps between validation bits-per-byte evaluations; 0 turns them off")
+    eval_tokens: int = opt(65536, "validation tokens per evaluation")
+    ckpt_every: int = opt(200, "steps between checkpoints (one is always written at the end)")
+    keep_last: int = opt(3, "checkpoints to keep")
+    sample_every: int = opt(0, "steps between sample generations; 0 means only at the end")
+    device: str = opt("auto", "auto, cpu, cuda or mps")
+    precision: str = opt("auto", "auto (bf16 where the hardware has it), bf16 or fp32")
+    compile: bool = opt(False, "torch.compile the model (pays off on long GPU runs; costs minutes on CPU)")
+    threads: int = opt(0, "torch intra-op threads on CPU; 0 leaves torch's default")
+    resume: bool = opt(False, "continue the run from its latest valid checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# stages: each is a dataclass of sections
+
+
+@dataclass(frozen=True)
+class TokenizerStage:
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+
+
+@dataclass(frozen=True)
+class DataStage:
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    shards: ShardConfig = ShardConfig()
+
+
+@dataclass(frozen=True)
+class PretrainStage:
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+
+@dataclass(frozen=True)
+class SpeedrunStage:
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    shards: ShardConfig = ShardConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# presets: plain functions returning {section: {field: value}} overrides
+
+
+def preset_smoke() -> dict[str, dict[str, Any]]:
+    """Seconds on 2 cores: tiny corpus, tiny vocabulary, tiny model. For tests."""
+    return {
+        "data": {"max_docs": 300},
+        "tokenizer": {"vocab_size": 1024, "train_chars": 2_000_000},
+        "shards": {"shard_docs": 256},
+        "model": {"depth": 2, "aspect": 32, "head_dim": 32, "seq_len": 128},
+        "train": {"steps": 20, "device_batch": 4, "eval_every": 10, "eval_tokens": 4096, "ckpt_every": 10},
+    }
+
+
+def preset_cpu() -> dict[str, dict[str, Any]]:
+    """The CPU speedrun: minutes on 2 cores."""
+    return {
+        "tokenizer": {"vocab_size": 32768, "train_chars": 60_000_000},
+        "model": {"depth": 4, "aspect": 64, "head_dim": 64, "seq_len": 512},
+        "train": {"steps": 1000, "device_batch": 8, "eval_every": 100, "eval_tokens": 65536, "ckpt_every": 200},
+    }
+
+
+PRESETS = types.MappingProxyType({"smoke": preset_smoke, "cpu": preset_cpu})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# flags <-> dataclasses
+
+
+def _sections(stage_cls) -> dict[str, type]:
+    return {f.name: f.type if isinstance(f.type, type) else type(f.default) for f in dataclasses.fields(stage_cls)}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _field_types(section_cls) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def build_parser(stage_cls, prog: str, description: str = "") -> argparse.ArgumentParser:
+    """An argparse parser with one flag per field of every section of `stage_cls` (defaults left unset)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    seen: dict[str, str] = {}
+    for section, section_cls in _sections(stage_cls).items():
+        group = parser.add_argument_group(section)
+        hints = _field_types(section_cls)
+        for f in dataclasses.fields(section_cls):
+            # a name already used by an earlier section gets the section as prefix: --model-vocab-size
+            flag = _flag(f"{section}_{f.name}" if f.name in seen else f.name)
+            seen.setdefault(f.name, section)
+            kind = hints[f.name]
+            help_text = f.metadata.get("help", "") + f" (default: {f.default!r})"
+            dest = f"{section}.{f.name}"
+            if kind is bool:
+                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=help_text)
+            elif typing.get_origin(kind) is tuple:
+                elem = typing.get_args(kind)[0]
+                group.add_argument(flag, dest=dest, nargs="+", type=elem, help=help_text, metavar="X")
+            else:
+                group.add_argument(flag, dest=dest, type=kind, help=help_text, metavar=kind.__name__.upper())
+    return parser
+
+
+def make(stage_cls, overrides: dict[str, dict[str, Any]] | None = None):
+    """Build a stage config: defaults < preset (named by overrides['run']['preset']) < overrides."""
+    overrides = {k: dict(v) for k, v in (overrides or {}).items()}
+    preset = overrides.get("run", {}).get("preset", RunConfig().preset)
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    merged: dict[str, dict[str, Any]] = {}
+    for source in (PRESETS[preset](), overrides):
+        for section, values in source.items():
+            merged.setdefault(section, {}).update(values)
+    sections = _sections(stage_cls)
+    built = {}
+    for section, section_cls in sections.items():
+        values = merged.get(section, {})
+        names = {f.name for f in dataclasses.fields(section_cls)}
+        hints = _field_types(section_cls)
+        kwargs = {}
+        for key, value in values.items():
+            if key in names:
+                kwargs[key] = tuple(value) if typing.get_origin(hints[key]) is tuple else value
+        built[section] = section_cls(**kwargs)
+    run = built.get("run")
+    if run is not None and not run.run:
+        built["run"] = dataclasses.replace(run, run=run.preset)
+    return stage_cls(**built)
+
+
+def parse(stage_cls, argv: list[str] | None, prog: str = "chatsmith", description: str = ""):
+    """Parse command-line flags into a stage config."""
+    parser = build_parser(stage_cls, prog, description)
+    ns = vars(parser.parse_args(argv))
+    overrides: dict[str, dict[str, Any]] = {}
+    for dest, value in ns.items():
+        section, name = dest.split(".", 1)
+        overrides.setdefault(section, {})[name] = value
+    return make(stage_cls, overrides)
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(stage_cls, d: dict[str, Any]):
+    """Rebuild a stage config saved with `save` (unknown keys are ignored, missing ones take defaults)."""
+    sections = _sections(stage_cls)
+    built = {}
+    for section, section_cls in sections.items():
+        names = {f.name for f in dataclasses.fields(section_cls)}
+        hints = _field_types(section_cls)
+        values = {k: v for k, v in d.get(section, {}).items() if k in names}
+        for k, v in values.items():
+            if typing.get_origin(hints[k]) is tuple:
+                values[k] = tuple(v)
+        built[section] = section_cls(**values)
+    return stage_cls(**built)
+
+
+def save(cfg, path: Path, stage: str) -> None:
+    """Record the resolved config of `stage` in the run's config.json ({stage: config}, other stages kept)."""
+    path = Path(path)
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        saved = {}
+    saved[stage] = to_dict(cfg)
+    atomic_write_json(path, saved)
+
+
+def dumps(cfg) -> str:
+    return json.dumps(to_dict(cfg), indent=2, ensure_ascii=False)

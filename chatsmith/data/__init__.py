@@ -1,0 +1,1 @@
+"""Data: document sources and token shards."""

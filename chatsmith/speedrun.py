@@ -1,0 +1,48 @@
+"""The speedrun: every stage in order, on one run directory, resumable.
+
+    chatsmith speedrun                    # preset cpu: minutes on 2 cores
+    chatsmith speedrun --preset smoke     # seconds; what the tests run
+
+Stages: documents + tokenizer (`tokenizer train`) → token shards (`data prepare`) → pretraining (`pretrain`) →
+samples. Each stage skips work already done in the run directory, so rerunning after an interruption continues where
+it stopped (pretraining resumes from its latest checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+from . import config
+from .common import log, run_dir
+
+
+def main(cfg: config.SpeedrunStage) -> dict:
+    from . import tokenizer, train
+    from .data import shards
+
+    run = run_dir(cfg.run.run)
+    log(f"speedrun: preset {cfg.run.preset!r}, run directory {run}")
+    config.save(cfg, run / "config.json", "speedrun")
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    tokenizer.train_main(config.TokenizerStage(run=cfg.run, data=cfg.data, tokenizer=cfg.tokenizer))
+    timings["tokenizer"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    shards.main(config.DataStage(run=cfg.run, data=cfg.data, shards=cfg.shards))
+    timings["data"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    train_cfg = dataclasses.replace(cfg.train, resume=True)
+    summary = train.main(config.PretrainStage(run=cfg.run, model=cfg.model, optim=cfg.optim, train=train_cfg))
+    timings["pretrain"] = time.perf_counter() - t0
+
+    result = {"run": str(run), "val_bpb": summary["val_bpb"], "tokens": summary["tokens"],
+              "seconds": {k: round(v, 1) for k, v in timings.items()}}
+    for rec in train.read_metrics(run, "sample")[-len(train.SAMPLE_PROMPTS):]:
+        log(f"  {rec['prompt']} → {rec['text']!r}")
+    log(f"speedrun done: {json.dumps(result, ensure_ascii=False)}")
+    return result

@@ -1,0 +1,305 @@
+"""The one training loop. Pretraining now; SFT reuses it with other data and a loss mask.
+
+    chatsmith pretrain --preset cpu               # needs the run's tokenizer and shards (or use `chatsmith speedrun`)
+    chatsmith pretrain --preset cpu --resume      # continue from the latest valid checkpoint, bit-exactly
+
+Per step: `grad_accum` micro-batches of (device_batch, seq_len) tokens from the BOS-aligned packing loader, forward
+under bf16 autocast where the hardware has fast bf16 (CUDA >= sm80, CPUs with AMX/AVX512-BF16; elsewhere fp32),
+backward, Muon + AdamW step with scheduled learning rates. Every `eval_every` steps: validation bits per byte on a
+fixed held-out token budget. Every `ckpt_every` steps and at the end: an atomic checkpoint holding weights, optimizer,
+RNG, loader position and loop state, so that a run killed at any moment and resumed reproduces the per-step losses of
+an uninterrupted run exactly (tested with SIGKILL in tests/test_train.py). Ctrl-C or SIGTERM saves a checkpoint at the
+last finished step before exiting. Metrics go to `metrics.jsonl` (one JSON object per line, `kind` = train|val|sample).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, config
+from .common import (
+    UserError,
+    atomic_write_text,
+    autocast_dtype,
+    device_type,
+    log,
+    matmul_peak_flops,
+    progress,
+    run_dir,
+    seed_all,
+)
+from .data.shards import PackingLoader, iter_val_batches
+from .model import GPT, ModelConfig
+from .optim import apply_schedules, build_optimizer
+from .tokenizer import Tokenizer
+
+SAMPLE_PROMPTS = ("The capital of France is", "def fibonacci(n):", "人工智能是", "今天的天气")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# pieces
+
+
+def autocast(device: str, dtype):
+    """bf16 autocast context, or a no-op when `dtype` is None (fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate_bpb(model: GPT, shard_dir: Path, token_bytes: torch.Tensor, batch_size: int, seq_len: int,
+                 max_tokens: int, device: str, dtype) -> float:
+    """Bits per byte on the validation shards: summed cross-entropy (nats) / (ln 2 * UTF-8 bytes of the targets).
+
+    Special tokens (0 bytes) count in neither sum, so the number does not depend on how documents are delimited and is
+    comparable across tokenizers.
+    """
+    was_training = model.training
+    model.eval()
+    nats, nbytes = 0.0, 0
+    token_bytes = token_bytes.to(device)
+    for x, y in iter_val_batches(shard_dir, batch_size, seq_len, max_tokens):
+        x, y = x.to(device), y.to(device)
+        with autocast(device, dtype):
+            loss = model(x, y, reduction="none")  # (B, T) nats per target
+        b = token_bytes[y.clamp(min=0)] * (y >= 0)  # (B, T) bytes per target, 0 for specials and ignored
+        nats += float((loss.float().view_as(b) * (b > 0)).sum())
+        nbytes += int(b.sum())
+    model.train(was_training)
+    if nbytes == 0:
+        raise UserError(f"the validation shards in {shard_dir} hold no text; rerun `chatsmith data prepare`")
+    return nats / (math.log(2) * nbytes)
+
+
+@torch.no_grad()
+def sample(model: GPT, tok: Tokenizer, prompt: str, max_new_tokens: int, device: str, temperature: float = 0.8,
+           seed: int = 0) -> str:
+    """Plain sampling by full recompute (no KV cache): enough for a glimpse at checkpoints."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids = tok.encode(prompt, bos=True)
+    start = len(ids)
+    for _ in range(max_new_tokens):
+        ctx = torch.tensor([ids[-model.config.seq_len:]], device=device)  # (1, T)
+        logits = model(ctx)[0, -1].float().cpu()  # (V,)
+        if temperature <= 0:
+            nxt = int(logits.argmax())
+        else:
+            nxt = int(torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen))
+        if nxt == tok.bos_id:
+            break
+        ids.append(nxt)
+    model.train(was_training)
+    return tok.decode(ids[start:])
+
+
+class MetricsLog:
+    """metrics.jsonl: appended line by line; on resume, lines past the checkpoint's step are dropped first."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is None:
+            atomic_write_text(path, "")
+        elif path.exists():
+            keep = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                if rec.get("step", 0) <= resume_step:
+                    keep.append(line)
+            atomic_write_text(path, "".join(line + "\n" for line in keep))
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, **rec) -> None:
+        self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM ask the loop to stop at the next step boundary (so the checkpoint is consistent); a second
+    Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.old: dict[int, object] = {}
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log("stop requested: finishing this step and saving a checkpoint (Ctrl-C again to quit at once)")
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: keep default handling
+                self.old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
+
+
+def read_metrics(run: Path, kind: str = "train") -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            rec = json.loads(line)
+            if rec.get("kind") == kind:
+                out.append(rec)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def main(cfg: config.PretrainStage) -> dict:
+    """Pretrain on the run's shards; returns a summary dict (final val bpb, tokens, seconds)."""
+    tc = cfg.train
+    run = run_dir(cfg.run.run)
+    for need, hint in ((run / "tokenizer" / "tokenizer.json", "tokenizer train"),
+                       (run / "shards" / "train" / "index.json", "data prepare")):
+        if not need.exists():
+            raise UserError(f"run {cfg.run.run!r} has no {need.parent.name} yet; run `chatsmith {hint} --run "
+                            f"{cfg.run.run}` first (or `chatsmith speedrun`)")
+    tok = Tokenizer.load(run / "tokenizer")
+    mcfg: ModelConfig = cfg.model.resolve(vocab_size=cfg.model.vocab_size or tok.vocab_size)
+    if mcfg.vocab_size < tok.vocab_size:
+        raise UserError(f"--model-vocab-size {mcfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
+    cfg = dataclasses.replace(cfg, model=mcfg)
+    ckroot = run / "checkpoints"
+
+    ck = None
+    if checkpoint.list_checkpoints(ckroot):
+        if not tc.resume:
+            raise UserError(f"run {cfg.run.run!r} already has checkpoints; pass --resume to continue it, or choose "
+                            f"a new --run name")
+        ck = checkpoint.load_latest(ckroot)
+        saved = ck.meta.get("config", {}).get("model")
+        if saved is not None and saved != dataclasses.asdict(mcfg):
+            raise UserError(f"the checkpoint {ck.path.name} was trained with another model config; resume with the "
+                            f"same flags or choose a new --run name")
+
+    device = device_type(tc.device)
+    dtype = autocast_dtype(device, tc.precision)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    seed_all(cfg.run.seed)
+    config.save(cfg, run / "config.json", "pretrain")
+
+    model = GPT.build(mcfg, device=device)
+    opt = build_optimizer(model, cfg.optim)
+    loader = PackingLoader(run / "shards" / "train", tc.device_batch, mcfg.seq_len)
+    step = 0
+    if ck is not None:
+        model.load_state_dict(ck.model)
+        opt.load_state_dict(ck.optimizer)
+        loader.load_state_dict(ck.state["loader"])
+        if ck.rng:
+            checkpoint.restore_rng(ck.rng)
+        step = ck.step
+        log(f"resuming run {cfg.run.run!r} from {ck.path.name} (step {step})")
+    step_model = torch.compile(model) if tc.compile else model
+
+    rows_per_step = max(1, tc.batch_tokens // (tc.device_batch * mcfg.seq_len)) if tc.batch_tokens else 1
+    tokens_per_step = rows_per_step * tc.device_batch * mcfg.seq_len
+    flops_per_token = model.flops_per_token()
+    peak = matmul_peak_flops("bfloat16" if dtype is not None else "float32", device=device)
+    token_bytes = tok.token_bytes()
+    val_dir = run / "shards" / "val"
+    metrics = MetricsLog(run / "metrics.jsonl", resume_step=step if ck is not None else None)
+    last_bpb = (read_metrics(run, "val") or [{}])[-1].get("val_bpb")
+    log(f"model: {model.num_params() / 1e6:.2f}M params ({model.num_params(non_embedding=True) / 1e6:.2f}M "
+        f"non-embedding), {flops_per_token / 1e6:.1f} MFLOPs/token; {tokens_per_step} tokens/step; "
+        f"{'bf16 autocast' if dtype is not None else 'fp32'} on {device}")
+
+    saved_step = ck.step if ck is not None else 0
+
+    def save(at: int) -> None:
+        nonlocal saved_step
+        checkpoint.save(ckroot, at, model.state_dict(), optimizer=opt.state_dict(),
+                        state={"loader": loader.state_dict()},
+                        meta={"config": config.to_dict(cfg), "tokens": at * tokens_per_step},
+                        keep_last=tc.keep_last)
+        saved_step = at
+
+    def validate(at: int) -> float:
+        bpb = evaluate_bpb(model, val_dir, token_bytes, tc.device_batch, mcfg.seq_len, tc.eval_tokens, device, dtype)
+        metrics.write(kind="val", step=at, val_bpb=bpb)
+        return bpb
+
+    def samples(at: int) -> None:
+        for i, prompt in enumerate(SAMPLE_PROMPTS):
+            text = sample(model, tok, prompt, 32, device, seed=cfg.run.seed + i)
+            metrics.write(kind="sample", step=at, prompt=prompt, text=text)
+            log(f"  sample | {prompt}{text!r}")
+
+    model.train()
+    t_start = time.perf_counter()
+    bar = progress(total=tc.steps, initial=step, desc="pretrain", unit="step")
+    with StopRequest() as stop:
+        while step < tc.steps:
+            apply_schedules(opt, step, tc.steps, cfg.optim)
+            t0 = time.perf_counter()
+            loss_sum = 0.0
+            for _ in range(rows_per_step):
+                x, y = loader.next_batch()
+                x, y = x.to(device), y.to(device)
+                with autocast(device, dtype):
+                    loss = step_model(x, y)
+                (loss / rows_per_step).backward()
+                loss_sum += loss.item()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            step += 1
+            tok_s = tokens_per_step / dt
+            mfu = flops_per_token * tok_s / peak
+            train_loss = loss_sum / rows_per_step
+            if not math.isfinite(train_loss):
+                raise UserError(f"the loss became {train_loss} at step {step}; lower the learning rates "
+                                f"(--matrix-lr, --embed-lr) and start a new run")
+            metrics.write(kind="train", step=step, loss=train_loss, lr=opt.param_groups[0]["lr"],
+                          tokens=step * tokens_per_step, tok_s=tok_s, mfu=mfu, dt=dt)
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.0%}",
+                            bpb="-" if last_bpb is None else f"{last_bpb:.3f}")
+            last = step == tc.steps
+            if tc.eval_every and (step % tc.eval_every == 0 or last):
+                last_bpb = validate(step)
+            if tc.sample_every and step % tc.sample_every == 0 and not last:
+                samples(step)
+            if step % tc.ckpt_every == 0 or last or stop.requested:
+                save(step)
+            if stop.requested:
+                bar.close()
+                metrics.close()
+                raise KeyboardInterrupt
+    bar.close()
+    if ck is None or ck.step < tc.steps:
+        samples(step)
+    metrics.close()
+    wall = time.perf_counter() - t_start
+    summary = {"run": cfg.run.run, "steps": step, "tokens": step * tokens_per_step, "val_bpb": last_bpb,
+               "seconds": wall}
+    log(f"pretrain done: {json.dumps(summary)}")
+    return summary
