@@ -134,7 +134,8 @@ def read_json(path: Path) -> Any:
     except FileNotFoundError:
         raise UserError(f"{path} does not exist") from None
     except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); delete it and rerun the stage") from None
+        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); delete it and rerun the "
+                        f"stage") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
