@@ -4,8 +4,8 @@
     chatsmith pretrain --preset cpu --resume      # continue from the latest valid checkpoint, bit-exactly
 
 Per step: `grad_accum` micro-batches of (device_batch, seq_len) tokens from the BOS-aligned packing loader, forward
-under bf16 autocast where the hardware has fast bf16 (CUDA >= sm80, CPUs with AMX/AVX512-BF16; elsewhere fp32),
-backward, Muon + AdamW step with scheduled learning rates. Every `eval_every` steps: validation bits per byte on a
+under bf16 autocast where the hardware has fast bf16 (CUDA >= sm80, CPUs with AMX; elsewhere fp32, measured in
+common.has_fast_bf16), backward, Muon + AdamW step with scheduled learning rates. Every `eval_every` steps: validation bits per byte on a
 fixed held-out token budget. Every `ckpt_every` steps and at the end: an atomic checkpoint holding weights, optimizer,
 RNG, loader position and loop state, so that a run killed at any moment and resumed reproduces the per-step losses of
 an uninterrupted run exactly (tested with SIGKILL in tests/test_train.py). Ctrl-C or SIGTERM saves a checkpoint at the
@@ -256,7 +256,7 @@ def main(cfg: config.PretrainStage) -> dict:
     model.train()
     t_start = time.perf_counter()
     bar = progress(total=tc.steps, initial=step, desc="pretrain", unit="step")
-    with StopRequest() as stop:
+    with StopRequest() as stop, bar:  # the bar closes before any error message
         while step < tc.steps:
             apply_schedules(opt, step, tc.steps, cfg.optim)
             t0 = time.perf_counter()
@@ -291,10 +291,8 @@ def main(cfg: config.PretrainStage) -> dict:
             if step % tc.ckpt_every == 0 or last or stop.requested:
                 save(step)
             if stop.requested:
-                bar.close()
                 metrics.close()
                 raise KeyboardInterrupt
-    bar.close()
     if ck is None or ck.step < tc.steps:
         samples(step)
     metrics.close()
