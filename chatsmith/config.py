@@ -87,7 +87,7 @@ class TrainConfig:
     eval_tokens: int = opt(65536, "validation tokens per evaluation")
     ckpt_every: int = opt(200, "steps between checkpoints (one is always written at the end)")
     keep_last: int = opt(3, "checkpoints to keep")
-    sample_every: int = opt(0, "steps between sample generations; 0 means only at the end")
+    sample_every: int = opt(0, "steps between sample generations; 0 means at every checkpoint and at the end")
     device: str = opt("auto", "auto, cpu, cuda or mps")
     precision: str = opt("auto", "auto (bf16 on CUDA >= sm80 and AMX CPUs, else fp32), bf16 or fp32")
     compile: bool = opt(False, "torch.compile the model (pays off on long GPU runs; costs minutes on CPU)")

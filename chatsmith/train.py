@@ -5,11 +5,12 @@
 
 Per step: `grad_accum` micro-batches of (device_batch, seq_len) tokens from the BOS-aligned packing loader, forward
 under bf16 autocast where the hardware has fast bf16 (CUDA >= sm80, CPUs with AMX; elsewhere fp32, measured in
-common.has_fast_bf16), backward, Muon + AdamW step with scheduled learning rates. Every `eval_every` steps: validation bits per byte on a
-fixed held-out token budget. Every `ckpt_every` steps and at the end: an atomic checkpoint holding weights, optimizer,
-RNG, loader position and loop state, so that a run killed at any moment and resumed reproduces the per-step losses of
-an uninterrupted run exactly (tested with SIGKILL in tests/test_train.py). Ctrl-C or SIGTERM saves a checkpoint at the
-last finished step before exiting. Metrics go to `metrics.jsonl` (one JSON object per line, `kind` = train|val|sample).
+common.has_fast_bf16), backward, Muon + AdamW step with scheduled learning rates. Every `eval_every` steps:
+validation bits per byte on a fixed held-out token budget. Every `ckpt_every` steps and at the end: an atomic
+checkpoint holding weights, optimizer, RNG, loader position and loop state, so that a run killed at any moment and
+resumed reproduces the per-step losses of an uninterrupted run exactly (tested with SIGKILL in tests/test_train.py),
+and sample generations. Ctrl-C or SIGTERM saves a checkpoint at the last finished step before exiting. Metrics go
+to `metrics.jsonl` (one JSON object per line, `kind` = train|val|sample).
 """
 
 from __future__ import annotations
@@ -119,7 +120,9 @@ class MetricsLog:
                     continue  # a line cut by a kill
                 if rec.get("step", 0) <= resume_step:
                     keep.append(line)
-            atomic_write_text(path, "".join(line + "\n" for line in keep))
+            text = "".join(line + "\n" for line in keep)
+            if text != path.read_text(encoding="utf-8"):
+                atomic_write_text(path, text)
         self.f = open(path, "a", encoding="utf-8")
 
     def write(self, **rec) -> None:
@@ -286,7 +289,7 @@ def main(cfg: config.PretrainStage) -> dict:
             last = step == tc.steps
             if tc.eval_every and (step % tc.eval_every == 0 or last):
                 last_bpb = validate(step)
-            if tc.sample_every and step % tc.sample_every == 0 and not last:
+            if step % (tc.sample_every or tc.ckpt_every) == 0 and not last:
                 samples(step)
             if step % tc.ckpt_every == 0 or last or stop.requested:
                 save(step)

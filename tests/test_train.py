@@ -138,8 +138,8 @@ def test_smoke_pretraining_learns(prepared, monkeypatch):
     vals = [r["val_bpb"] for r in train.read_metrics(run, "val")]
     assert len(vals) == 3 and summary["val_bpb"] == vals[-1]
     assert vals[0] > vals[1] > vals[2], vals
-    samples = train.read_metrics(run, "sample")
-    assert len(samples) == len(train.SAMPLE_PROMPTS)
+    samples = train.read_metrics(run, "sample")  # at every checkpoint (ckpt_every 10) and at the end
+    assert [(r["step"], r["prompt"]) for r in samples] == [(s, p) for s in (10, 20, 30) for p in train.SAMPLE_PROMPTS]
 
 
 def test_evaluate_bpb_matches_brute_force(prepared):
