@@ -6,6 +6,10 @@
     tok = Tokenizer.load(run_dir("cpu") / "tokenizer")
     ids = tok.encode("你好, world", bos=True)        # [bos] + ids; every document is encoded like this
     tok.decode(ids[1:]) == "你好, world"
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    ids, loss_mask = tok.render_conversation(messages)  # SFT rows: mask 1 on assistant text and its <|im_end|>
+    prompt = tok.render_for_completion(messages[:1])   # ends with <|im_start|>assistant + newline: the engine goes on
+    parse_assistant(reply_text)                         # {"content": ..., "tool_calls": [{"name", "arguments"}]}
 
 Choices:
 - Pipeline = no normalizer → split by the Qwen2 regex (digits one at a time, so llama.cpp's `qwen2` pre-tokenizer
@@ -17,6 +21,9 @@ Choices:
 - Plain-text encoding never produces a special id: the literal string "<|im_end|>" in user text is encoded as
   ordinary bytes (`encode_special_tokens = True` in `tokenizers`). Specials enter a sequence only as ids
   (`special_id`), which is how the chat template will insert them: a user cannot forge a turn boundary.
+- The one chat template (ChatML, BOS first, tool calls as `<tool_call>{json}</tool_call>` lines) lives here with its
+  Jinja twin `CHAT_TEMPLATE` for exports; section "chat template" below says what is decided and why. Parity with
+  transformers' apply_chat_template (ids and loss mask) is property-tested in tests/test_chat_template.py.
 - Decoding is done here, not by `tokenizers`: each id maps to its bytes (specials to their UTF-8 literal), the bytes
   are joined and decoded with errors="replace". `IncrementalDecoder` runs the same bytes through Python's incremental
   UTF-8 decoder, so streaming gives exactly the full decode and never a premature U+FFFD (property-tested, and the
@@ -52,8 +59,9 @@ import functools
 import hashlib
 import json
 import os
+import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -201,6 +209,45 @@ class Tokenizer:
     def incremental_decoder(self) -> IncrementalDecoder:
         return IncrementalDecoder(self)
 
+    # -- the chat template (see "chat template" below) ------------------------------------------------------------
+
+    def render_conversation(self, messages: Sequence[Mapping[str, Any]],
+                            max_tokens: int | None = None) -> tuple[list[int], list[int]]:
+        """(ids, loss_mask) of a conversation in ChatML; mask 1 on the tokens of assistant content (tool calls
+        included) and on each assistant `<|im_end|>`; cut to the first `max_tokens` ids when given."""
+        if max_tokens is not None and max_tokens < 1:
+            raise ConversationError(f"max_tokens must be at least 1, not {max_tokens}.")
+        start, end, newline = self.special_id(IM_START), self.special_id(IM_END), self.encode("\n")
+        ids, mask = [self.bos_id], [0]
+        for role, text in chat_turns(messages):
+            header = role + "\n"
+            turn = self._encode_turn(header + text)
+            ids += [start, *turn, end, *newline]
+            if role == "assistant":  # a token is trained on when it holds any content byte (see the section notes)
+                header_bytes, seen, turn_mask = len(header.encode("utf-8")), 0, []
+                for i in turn:
+                    seen += len(self.id_bytes(i))
+                    turn_mask.append(int(seen > header_bytes))
+                mask += [0, *turn_mask, 1, *[0] * len(newline)]
+            else:
+                mask += [0] * (len(turn) + 2 + len(newline))
+        if max_tokens is not None:
+            ids, mask = ids[:max_tokens], mask[:max_tokens]
+        return ids, mask
+
+    def _encode_turn(self, text: str) -> list[int]:
+        """The text between two specials, encoded as a tokenizer that splits the template's output on the specials
+        does; a special literal inside it is text, encoded apart from its neighbours (transformers' sanitizing)."""
+        if "<|" not in text:
+            return self.encode(text)
+        literals = "|".join(re.escape(s) for s in sorted(ALL_SPECIALS, key=len, reverse=True))
+        return [i for piece in re.split(f"({literals})", text) if piece for i in self.encode(piece)]
+
+    def render_for_completion(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """The ids of the conversation, then `<|im_start|>` and "assistant" + newline: the prompt the model answers."""
+        ids, _ = self.render_conversation(messages)
+        return [*ids, self.special_id(IM_START), *self.encode("assistant\n")]
+
 
 class IncrementalDecoder:
     """Streaming decode: push ids one at a time, get text as soon as its UTF-8 characters are complete.
@@ -221,6 +268,173 @@ class IncrementalDecoder:
         text = self._utf8.decode(b"", final=True)
         self._utf8.reset()
         return text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# chat template
+#
+# The one place that formats chat turns (DESIGN.md). A conversation renders as
+#
+#     <|endoftext|><|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n
+#     <|im_start|>assistant\nHello!\n<tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call><|im_end|>\n
+#     <|im_start|>tool\n{"y": 2}<|im_end|>\n
+#
+# - BOS (`<|endoftext|>`, id 0) opens every conversation, as it opens every pretraining document, so SFT rows and
+#   prompts start in the state the model knows from pretraining. CHAT_TEMPLATE writes it as a literal (not
+#   `bos_token`), so it does not depend on what an exported tokenizer_config calls its BOS; exports must keep
+#   `add_bos_token` false so no runtime adds a second one. Generation stops at `<|im_end|>` (the exported eos).
+# - Specials enter as ids only; role names, "\n", content and tool calls are encoded as text, one `encode` per stretch
+#   between two specials. That is exactly what a tokenizer that first splits the template's text on the special
+#   literals (HF, vLLM, llama.cpp) does, hence identical ids (tested against transformers' apply_chat_template).
+#   A special literal typed by a user ("<|im_end|>") stays text here, encoded apart from the text around it; that is
+#   what transformers does with `apply_chat_template(..., sanitize_control_tokens=True)` (ids identical, tested).
+#   Without sanitizing, the Jinja template's text turns such a literal into the special: a forged turn boundary.
+# - An assistant turn's text = its content, then one `<tool_call>{json}</tool_call>` per call, joined by "\n" (no
+#   "\n" before the first call when the content is empty). The json is json.dumps({"name", "arguments"},
+#   ensure_ascii=False, separators=(", ", ": ")) in insertion order: what transformers' `tojson` filter writes.
+#   Calls may come as {"name", "arguments": {...}} or in the OpenAI shape {"type": "function", "function": {"name",
+#   "arguments": "<json string>"}}; a JSON-string `arguments` is parsed here and written canonically, while Jinja
+#   (which cannot parse JSON) writes the string as given: the two agree when the string is canonical (vLLM parses
+#   such strings into dicts before rendering, so it agrees always). Tool definitions (`tools`) are not rendered.
+# - Loss mask: 1 on assistant tokens holding any content byte and on the assistant `<|im_end|>`; 0 on BOS, every
+#   `<|im_start|>`, role header, system/user/tool turn and the "\n" after `<|im_end|>`. The header "assistant\n" and
+#   the content are one encode; the boundary is clean unless the content starts with whitespace that holds a line
+#   break (the Qwen2 regex joins "\n" + "\n..." into one piece), and then the token holding the header's "\n" is
+#   trained on too (the rule of transformers' `return_assistant_tokens_mask`).
+# - `max_tokens` keeps the first `max_tokens` ids (a plain cut, as for packed rows; the mask may then be all zeros).
+
+IM_START, IM_END = SPECIAL_TOKENS[1], SPECIAL_TOKENS[2]
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+# The same format for HF-style runtimes (tokenizer_config.json "chat_template"): transformers' sandboxed Jinja
+# (trim_blocks, lstrip_blocks, its own `tojson` = json.dumps(ensure_ascii=False)); only standard tests and filters so
+# llama.cpp and other reimplementations can run it. Every tag trims the whitespace around it: the layout is free.
+CHAT_TEMPLATE = r"""
+{{- '<|endoftext|>' -}}
+{%- for message in messages -%}
+    {%- if message.role not in ['system', 'user', 'assistant', 'tool'] -%}
+        {{- raise_exception('a message role must be system, user, assistant or tool') -}}
+    {%- endif -%}
+    {{- '<|im_start|>' + message.role + '\n' -}}
+    {%- if message.content is string -%}
+        {{- message.content -}}
+    {%- endif -%}
+    {%- if message.role == 'assistant' and message.tool_calls -%}
+        {%- for tool_call in message.tool_calls -%}
+            {%- set call = tool_call.function if tool_call.function is defined else tool_call -%}
+            {%- if not loop.first or (message.content is string and message.content) -%}
+                {{- '\n' -}}
+            {%- endif -%}
+            {{- '<tool_call>{"name": ' + (call.name | tojson) + ', "arguments": ' -}}
+            {%- if call.arguments is not defined -%}
+                {{- '{}' -}}
+            {%- elif call.arguments is string -%}
+                {{- call.arguments -}}
+            {%- else -%}
+                {{- call.arguments | tojson -}}
+            {%- endif -%}
+            {{- '}</tool_call>' -}}
+        {%- endfor -%}
+    {%- endif -%}
+    {{- '<|im_end|>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant\n' -}}
+{%- endif -%}
+"""
+
+
+class ConversationError(UserError, ValueError):
+    """A conversation the chat template cannot render; the message says which message is wrong and how."""
+
+
+def normalize_tool_call(call: Any, where: str) -> dict[str, Any]:
+    """{"name": str, "arguments": dict} from either accepted shape (see the section notes)."""
+    if not isinstance(call, Mapping):
+        raise ConversationError(f"{where} must be an object with a name and arguments, not {type(call).__name__}.")
+    function = call.get("function", call)
+    if not isinstance(function, Mapping):
+        raise ConversationError(f"{where}.function must be an object with a name and arguments.")
+    name, arguments = function.get("name"), function.get("arguments", {})
+    if not isinstance(name, str) or not name:
+        raise ConversationError(f"{where} needs a non-empty string name.")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            raise ConversationError(f"{where}.arguments is a string but not valid JSON; pass a JSON object.") from None
+    if not isinstance(arguments, Mapping):
+        raise ConversationError(f"{where}.arguments must be a JSON object, not {type(arguments).__name__}.")
+    return {"name": name, "arguments": dict(arguments)}
+
+
+def format_tool_call(call: Mapping[str, Any]) -> str:
+    """`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` for a normalized call."""
+    body = json.dumps({"name": call["name"], "arguments": call["arguments"]}, ensure_ascii=False,
+                      separators=(", ", ": "))
+    return f"{TOOL_CALL_OPEN}{body}{TOOL_CALL_CLOSE}"
+
+
+def assistant_text(content: str, tool_calls: Sequence[Mapping[str, Any]] = ()) -> str:
+    """An assistant turn's text: the content, then one tool call per line (the inverse of `parse_assistant`)."""
+    lines = [content] if content else []
+    return "\n".join(lines + [format_tool_call(c) for c in tool_calls])
+
+
+def chat_turns(messages: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """(role, text between the role header and `<|im_end|>`) per message, after checking every message."""
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise ConversationError("a conversation must be a list of messages like {'role': 'user', 'content': 'Hi'}.")
+    if not messages:
+        raise ConversationError("the conversation is empty; pass at least one message.")
+    turns = []
+    for n, message in enumerate(messages):
+        where = f"message {n}"
+        if not isinstance(message, Mapping):
+            raise ConversationError(f"{where} must be an object with a role and content, not {type(message).__name__}.")
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            raise ConversationError(f"{where} has role {role!r}; use one of {', '.join(CHAT_ROLES)}.")
+        if content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise ConversationError(f"{where} content must be a string, not {type(content).__name__}.")
+        tool_calls = message.get("tool_calls") or []
+        if tool_calls and role != "assistant":
+            raise ConversationError(f"{where} is a {role} message with tool_calls; only assistant messages make calls.")
+        if isinstance(tool_calls, (str, Mapping)) or not isinstance(tool_calls, Sequence):
+            raise ConversationError(f"{where} tool_calls must be a list of calls.")
+        calls = [normalize_tool_call(c, f"{where} tool_calls[{k}]") for k, c in enumerate(tool_calls)]
+        turns.append((role, assistant_text(content, calls) if role == "assistant" else content))
+    return turns
+
+
+def parse_assistant(text: str) -> dict[str, Any]:
+    """{"content": str, "tool_calls": [{"name", "arguments"}]} from a generated assistant reply.
+
+    A call is `<tool_call>` + a JSON object with a non-empty string name and an object (or no) arguments +
+    `</tool_call>`, whitespace allowed inside the tags; the "\\n" the renderer puts before a call is dropped. Anything
+    else, malformed or unclosed blocks included, stays content verbatim. Inverse of `assistant_text` when the content
+    holds no call of its own. Other keys of a call are dropped."""
+    decoder, space = json.JSONDecoder(), re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+    content, calls, pos, search = [], [], 0, 0
+    while (start := text.find(TOOL_CALL_OPEN, search)) != -1:
+        search = start + len(TOOL_CALL_OPEN)
+        try:  # raw_decode: a "</tool_call>" inside a JSON string does not end the block
+            call, end = decoder.raw_decode(text, space.match(text, search).end())
+        except json.JSONDecodeError:
+            continue
+        end = space.match(text, end).end()
+        if not (text.startswith(TOOL_CALL_CLOSE, end) and isinstance(call, dict) and isinstance(call.get("name"), str)
+                and call["name"] and isinstance(call.get("arguments", {}), dict)):
+            continue
+        before = text[pos:start]
+        content.append(before[:-1] if before.endswith("\n") else before)
+        calls.append({"name": call["name"], "arguments": call.get("arguments", {})})
+        pos = search = end + len(TOOL_CALL_CLOSE)
+    content.append(text[pos:])
+    return {"content": "".join(content), "tool_calls": calls}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
