@@ -1,0 +1,473 @@
+"""The inference engine: KV-cached, continuously batched decoding with sampling, stop handling and streaming text.
+It knows nothing about HTTP; the server runs `serve_forever` in one thread and talks to it through `submit`/`cancel`.
+
+    engine = Engine(model, tokenizer, slots=8)             # a KV cache for 8 sequences of up to seq_len tokens
+    result = engine.generate(prompt_ids, SamplingParams(max_tokens=64, temperature=0.7, seed=1))
+    result.text, result.token_ids, result.finish_reason   # "stop" or "length" ("cancelled" after cancel())
+
+    request = engine.submit(prompt_ids, params)            # any thread; another thread runs engine.serve_forever(stop)
+    for event in request.events():                         # text deltas, never half a UTF-8 character
+        print(event.text, end="", flush=True)
+
+How a step works (`step()`): admit waiting requests into free cache slots and prefill each (one causal forward over
+its prompt; its first token is sampled from the last position), then ONE batched forward of the newest token of every
+live sequence, each at its own length (the model masks keys per row), then sample and emit one event per sequence.
+A finished or cancelled sequence leaves at once and frees its slot; new requests join at the next step.
+
+Choices:
+- Sampling order (vLLM's): repetition penalty (prompt + output tokens: positive logits divided, negative multiplied),
+  frequency and presence penalties (output tokens), temperature (0 = greedy argmax of the penalised logits), top-k,
+  top-p over the top-k survivors renormalised (keep the fewest most likely tokens whose mass reaches top_p), min-p
+  (keep p >= min_p * p_max; a ratio, so the same before or after the other filters).
+- Every request owns a torch.Generator (seeded from `seed`, else at random) and draws exactly one uniform per sampled
+  token; the token is found by inverse CDF (searchsorted). So a seeded request's tokens do not depend on what else is
+  batched with it. Caveat: batched matmuls can round logits differently (~1e-6) from a lone forward, which could flip
+  a token whose probabilities sit on a knife edge; no bitwise batch invariance is claimed.
+- Stops: `<|im_end|>` and `<|endoftext|>` (unless ignore_eos) and `stop_token_ids` end with "stop"; the stop token's
+  text is not emitted, its id is kept in token_ids. Stop strings are matched on the decoded text, also across
+  tokens; the generation stops at the earliest *end* of any stop string (what char-by-char streaming would see).
+  Text that could still begin a stop string is held back until it cannot; the stop string is not emitted unless
+  include_stop_str_in_output. max_tokens or a full cache slot ends with "length" (prompt + output <= max_len).
+- Tool calls (hook for chatsmith/tools.py, wired by the caller): pass stop=("</tool_call>",) and
+  include_stop_str_in_output=True; a result with stop_reason == "</tool_call>" holds the call in its text; run it and
+  submit the conversation continued with the tool turn. (No prefix reuse: the continuation is prefilled again.)
+- Measured (bench-ref shape: 4 layers, width 256, vocab 8192; fp32, 1 torch thread, 2-core Xeon shared with a
+  training run; medians of 3 interleaved runs; 8 requests of 64 sampled tokens, prompts 33..89 tokens):
+  8 slots batched 724 tok/s, one slot at a time 223 tok/s (3.2x); one request through the cache 223 tok/s against
+  99 tok/s recomputing the full sequence per token. Threads matter on a busy machine: with 2 intra-op threads a
+  (1, 64) x (64, 192) linear took ~2,600 us against ~5 us on 1 thread, so the caller should pick torch threads.
+- Not done: chunked prefill (a long prompt stalls the batch for its prefill), prefix caching, speculative decoding.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import itertools
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .common import UserError
+from .tokenizer import IncrementalDecoder, Tokenizer
+
+FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings (a lone str is accepted)
+    stop_token_ids: tuple[int, ...] = ()  # in addition to <|im_end|> and <|endoftext|>
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False  # do not stop on <|im_end|> / <|endoftext|> (benchmarks, tests)
+
+    def __post_init__(self) -> None:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids))
+        checks = [
+            (self.max_tokens >= 1, f"max_tokens must be at least 1, not {self.max_tokens}"),
+            (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), not {self.temperature}"),
+            (self.top_k >= 0, f"top_k must be >= 0 (0 = off), not {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], not {self.top_p}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], not {self.min_p}"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], not {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], not {self.frequency_penalty}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 = off), not {self.repetition_penalty}"),
+            (all(isinstance(s, str) and s for s in stop), "stop strings must be non-empty strings"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self.top_k or self.top_p < 1 or self.min_p)
+
+
+@dataclass
+class Event:
+    """One streamed step of a request: the text that became final (maybe ""), the token ids sampled, and on the last
+    event the finish reason."""
+    request_id: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop", "length" or "cancelled"
+    stop_reason: str | int | None  # the stop string or stop token id that ended it
+    prompt_tokens: int
+    completion_tokens: int
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# logits processors (pure functions on (B, vocab) tensors; tested against brute force)
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor, presence: torch.Tensor,
+                    frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) fp32; counts (B, V) how often each token was generated; seen (B, V) bool, in the prompt or
+    generated; presence, frequency, repetition (B, 1). Repetition first (on seen tokens), then
+    logit -= frequency * count + presence * (count > 0)."""
+    logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """logits (B, V), temperature applied -> the same with -inf on tokens removed by top_k (B,) int (0 = off), then
+    top_p (B,) over the renormalised survivors (1 = off), then min_p (B,) (0 = off). The most likely token stays."""
+    V = logits.size(-1)
+    vals, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    rank = torch.arange(V, device=logits.device)
+    k = torch.where(top_k > 0, top_k, V).unsqueeze(1)  # (B, 1)
+    keep = rank < k  # (B, V), in sorted order
+    probs = torch.softmax(vals.masked_fill(~keep, float("-inf")), dim=-1)  # (B, V)
+    mass_before = probs.cumsum(-1) - probs  # probability of the more likely survivors
+    keep &= (mass_before < top_p.unsqueeze(1)) | (top_p >= 1).unsqueeze(1)
+    keep &= vals >= vals[:, :1] + torch.log(min_p).unsqueeze(1)  # p >= min_p * p_max; log(0) = -inf keeps all
+    keep[:, 0] = True
+    mask = torch.zeros_like(keep).scatter_(1, order, keep)  # back to vocabulary order
+    return logits.masked_fill(~mask, float("-inf"))
+
+
+def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: logits (B, V), uniforms (B,) in [0, 1) -> token ids (B,). Zero-probability tokens are
+    never chosen (the CDF is flat there)."""
+    cdf = torch.softmax(logits, dim=-1).double().cumsum(-1)  # (B, V)
+    target = (uniforms.to(cdf) * cdf[:, -1]).unsqueeze(1)  # (B, 1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=logits.size(-1) - 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# stop strings on streamed text
+
+
+class StopStrings:
+    """Collects streamed text, cuts it at the first stop string and says what is safe to emit.
+
+    `push(piece)` returns the newly final text: everything except a tail that is still a proper prefix of some stop
+    string. Once a stop string completes, `matched` is set and the text ends before it (or after it with include)."""
+
+    def __init__(self, stops: Sequence[str], include: bool = False):
+        self.stops, self.include = tuple(stops), include
+        self.text, self.sent, self.matched = "", 0, None
+
+    def push(self, piece: str) -> str:
+        old = len(self.text)
+        self.text += piece
+        hits = []  # (end, start, stop string) of each stop string's first occurrence in the unsent text
+        for s in self.stops:
+            i = self.text.find(s, max(self.sent, old - len(s) + 1))
+            if i >= 0:
+                hits.append((i + len(s), i, s))
+        if hits:
+            end, start, s = min(hits, key=lambda h: (h[0], h[1]))  # earliest end, then the longest
+            self.text, self.matched = self.text[:end if self.include else start], s
+            return self.flush()
+        return self._emit(len(self.text) - self._held())
+
+    def flush(self) -> str:
+        return self._emit(len(self.text))
+
+    def _held(self) -> int:
+        """Length of the longest unsent suffix that is a proper prefix of a stop string."""
+        held, unsent = 0, len(self.text) - self.sent
+        for s in self.stops:
+            for k in range(min(len(s) - 1, unsent), held, -1):
+                if self.text.endswith(s[:k]):
+                    held = k
+                    break
+        return held
+
+    def _emit(self, end: int) -> str:
+        delta = self.text[self.sent:end]
+        self.sent = max(self.sent, end)
+        return delta
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# requests
+
+
+class Request:
+    """Handle of a submitted generation. Consume it with `events()` (a blocking iterator) or `result()`; `cancel()`
+    from any thread. `on_event`, if given, is called in the engine thread with every event (e.g. to hand it to an
+    asyncio loop with call_soon_threadsafe)."""
+
+    def __init__(self, request_id: int, prompt_ids: list[int], params: SamplingParams, engine: Engine,
+                 on_event: Callable[[Event], None] | None = None):
+        self.id, self.prompt_ids, self.params = request_id, prompt_ids, params
+        self.text, self.token_ids = "", []
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self._engine, self._on_event = engine, on_event
+        self._queue: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._done = threading.Event()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        self._engine.cancel(self)
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        """Every event in order, the last one with a finish_reason (queue.Empty after `timeout` s without one)."""
+        while True:
+            event = self._queue.get(timeout=timeout)
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def result(self, timeout: float | None = None) -> Result:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        return Result(self.text, list(self.token_ids), self.finish_reason, self.stop_reason, len(self.prompt_ids),
+                      len(self.token_ids))
+
+    def _emit(self, event: Event) -> None:
+        self.text += event.text
+        self.token_ids += event.token_ids
+        self.finish_reason = event.finish_reason
+        self._queue.put(event)
+        if self._on_event is not None:
+            self._on_event(event)
+        if event.finish_reason is not None:
+            self._done.set()
+
+
+@dataclass
+class _Sequence:
+    """Engine-thread state of a request that holds a cache slot."""
+    request: Request
+    slot: int
+    generator: torch.Generator
+    decoder: IncrementalDecoder
+    stops: StopStrings
+    last: int = -1  # the newest token, not yet in the cache
+    n_out: int = 0
+    counts: torch.Tensor | None = None  # (V,) fp32 output token counts, when penalised
+    seen: torch.Tensor | None = None  # (V,) bool prompt or output tokens, when penalised
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the engine
+
+
+class Engine:
+    """Continuous batching over `slots` KV-cache slots. step() belongs to one thread at a time (a lock serialises it);
+    submit() and cancel() may be called from any thread."""
+
+    def __init__(self, model, tokenizer: Tokenizer, slots: int = 8, max_len: int | None = None,
+                 autocast_dtype: torch.dtype | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.vocab_size = model.config.vocab_size
+        self.device = next(model.parameters()).device
+        self.autocast_dtype = autocast_dtype  # the caller's precision policy (common.autocast_dtype); None = as is
+        self.cache = model.new_kv_cache(slots, max_len, dtype=autocast_dtype)
+        self.max_len = self.cache.max_len
+        self.eos_ids = (tokenizer.special_id("<|im_end|>"), tokenizer.bos_id)
+        self._free = list(range(slots))  # sorted: the lowest free slot is taken, so live rows tend to be contiguous
+        self._live: list[_Sequence] = []
+        self._waiting: deque[Request] = deque()
+        self._cancelled: set[Request] = set()
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # guards _waiting and _cancelled
+        self._step_lock = threading.Lock()
+        self._wakeup = threading.Event()
+
+    # -- any thread -----------------------------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+               on_event: Callable[[Event], None] | None = None) -> Request:
+        params = params or SamplingParams()
+        ids = [int(i) for i in prompt_ids]
+        if not ids:
+            raise UserError("the prompt is empty; give at least one token (e.g. the BOS token)")
+        if len(ids) >= self.max_len:
+            raise UserError(f"the prompt has {len(ids)} tokens but the context holds {self.max_len}; shorten it "
+                            f"to at most {self.max_len - 1}")
+        bad = [i for i in (*ids, *params.stop_token_ids) if not 0 <= i < self.vocab_size]
+        if bad:
+            raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        with self._lock:
+            request = Request(next(self._ids), ids, params, self, on_event)
+            self._waiting.append(request)
+        self._wakeup.set()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop `request` at the next step (its final event has finish_reason "cancelled"); no-op when done."""
+        with self._lock:
+            if not request.done:
+                self._cancelled.add(request)
+        self._wakeup.set()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_live(self) -> int:
+        return len(self._live)
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free)
+
+    def has_work(self) -> bool:
+        return bool(self._live or self._waiting or self._cancelled)
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> Result:
+        """Submit and step until this request is done (other requests advance too)."""
+        request = self.submit(prompt_ids, params)
+        while not request.done:
+            self.step()
+        return request.result()
+
+    def serve_forever(self, stop: threading.Event, idle_wait: float = 0.1) -> None:
+        """Step while there is work, else sleep until submit/cancel wakes it; return once `stop` is set."""
+        while not stop.is_set():
+            if self.has_work():
+                self.step()
+            else:
+                self._wakeup.wait(idle_wait)
+                self._wakeup.clear()
+
+    # -- the engine thread ----------------------------------------------------------------------------------------
+
+    def step(self) -> list[Event]:
+        """Admit, prefill, one batched decode, sample; returns the events emitted (also sent to each request)."""
+        with self._step_lock, torch.inference_mode(), self._autocast():
+            events: list[Event] = []
+            with self._lock:
+                cancelled, self._cancelled = self._cancelled, set()
+                self._waiting = deque(r for r in self._waiting if r not in cancelled)
+            for request in cancelled:  # first, so that their slots serve this step's admissions
+                if request.done:  # it finished in the step before the cancel arrived
+                    continue
+                seq = next((s for s in self._live if s.request is request), None)
+                self._finish(seq, request, Event(request.id, "", [], FINISH_CANCELLED), events)
+            with self._lock:
+                admitted = [self._waiting.popleft() for _ in range(min(len(self._free), len(self._waiting)))]
+            for request in admitted:
+                seq = self._start(request)
+                logits = self.model.forward_cached(torch.tensor([request.prompt_ids], device=self.device),
+                                                   self.cache, [seq.slot], last_only=True)  # (1, 1, vocab)
+                self._accept(seq, self._sample([seq], logits[:, -1])[0], events)
+            live = sorted(self._live, key=lambda s: s.slot)
+            if live:
+                idx = torch.tensor([[s.last] for s in live], device=self.device)  # (B, 1)
+                logits = self.model.forward_cached(idx, self.cache, [s.slot for s in live])  # (B, 1, vocab)
+                for seq, token in zip(live, self._sample(live, logits[:, -1])):
+                    self._accept(seq, token, events)
+            return events
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _start(self, request: Request) -> _Sequence:
+        params = request.params
+        generator = torch.Generator()
+        if params.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(params.seed)
+        seq = _Sequence(request, self._free.pop(0), generator, self.tokenizer.incremental_decoder(),
+                        StopStrings(params.stop, params.include_stop_str_in_output))
+        if params.penalized:
+            seq.counts = torch.zeros(self.vocab_size, device=self.device)
+            seq.seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+            seq.seen[torch.tensor(request.prompt_ids, device=self.device)] = True
+        self.cache.reset(seq.slot)
+        self._live.append(seq)
+        return seq
+
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int]:
+        """logits (B, vocab) fp32 of `seqs` -> one token each."""
+        logits = logits.float()
+        if self.tokenizer.vocab_size < logits.size(-1):  # a padded model vocabulary: never emit ids without text
+            logits[:, self.tokenizer.vocab_size:] = float("-inf")
+        params = [s.request.params for s in seqs]
+        rows = [i for i, p in enumerate(params) if p.penalized]
+        if rows:
+            def column(name: str) -> torch.Tensor:
+                return torch.tensor([[getattr(params[i], name)] for i in rows], device=logits.device)  # (b, 1)
+            logits[rows] = apply_penalties(logits[rows], torch.stack([seqs[i].counts for i in rows]),
+                                           torch.stack([seqs[i].seen for i in rows]), column("presence_penalty"),
+                                           column("frequency_penalty"), column("repetition_penalty"))
+        tokens = logits.argmax(dim=-1)  # (B,) greedy rows keep these
+        rows = [i for i, p in enumerate(params) if p.temperature > 0]
+        if rows:
+            temperature = torch.tensor([params[i].temperature for i in rows], device=logits.device)
+            scaled = logits[rows] / temperature.unsqueeze(1)  # (b, vocab)
+            if any(params[i].filtered for i in rows):
+                scaled = filter_logits(
+                    scaled, torch.tensor([params[i].top_k for i in rows], device=logits.device),
+                    torch.tensor([params[i].top_p for i in rows], device=logits.device),
+                    torch.tensor([params[i].min_p for i in rows], device=logits.device))
+            uniforms = torch.cat([torch.rand(1, generator=seqs[i].generator, dtype=torch.float64) for i in rows])
+            tokens[rows] = sample_tokens(scaled, uniforms.to(logits.device))
+        return tokens.tolist()
+
+    def _accept(self, seq: _Sequence, token: int, events: list[Event]) -> None:
+        """Record a sampled token: stream its text, decide whether the sequence ends."""
+        params, request = seq.request.params, seq.request
+        seq.last, seq.n_out = token, seq.n_out + 1
+        if seq.counts is not None:
+            seq.counts[token] += 1
+            seq.seen[token] = True
+        stop_ids = params.stop_token_ids if params.ignore_eos else (*self.eos_ids, *params.stop_token_ids)
+        finish, stop_reason = None, None
+        if token in stop_ids:
+            text = seq.stops.push(seq.decoder.flush())  # an incomplete character at the end decodes as U+FFFD
+            text += seq.stops.flush()
+            finish, stop_reason = FINISH_STOP, seq.stops.matched or token
+        else:
+            text = seq.stops.push(seq.decoder.push(token))
+            if seq.stops.matched is not None:
+                finish, stop_reason = FINISH_STOP, seq.stops.matched
+            elif seq.n_out >= params.max_tokens or len(request.prompt_ids) + seq.n_out >= self.max_len:
+                text += seq.stops.push(seq.decoder.flush())
+                text += seq.stops.flush()
+                finish = FINISH_STOP if seq.stops.matched is not None else FINISH_LENGTH
+                stop_reason = seq.stops.matched
+        event = Event(request.id, text, [token], finish)
+        if finish is None:
+            request._emit(event)
+            events.append(event)
+        else:
+            request.stop_reason = stop_reason
+            self._finish(seq, request, event, events)
+
+    def _finish(self, seq: _Sequence | None, request: Request, event: Event, events: list[Event]) -> None:
+        if seq is not None:
+            self._live.remove(seq)
+            self.cache.reset(seq.slot)
+            bisect.insort(self._free, seq.slot)
+        request._emit(event)
+        events.append(event)
