@@ -21,7 +21,10 @@ import json
 import math
 import signal
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,38 +60,45 @@ def autocast(device: str, dtype):
 
 
 @torch.no_grad()
-def evaluate_bpb(model: GPT, shard_dir: Path, token_bytes: torch.Tensor, batch_size: int, seq_len: int,
-                 max_tokens: int, device: str, dtype) -> float:
-    """Bits per byte on the validation shards: summed cross-entropy (nats) / (ln 2 * UTF-8 bytes of the targets).
-
-    Special tokens (0 bytes) count in neither sum, so the number does not depend on how documents are delimited and is
-    comparable across tokenizers.
-    """
+def evaluate(model: GPT, batches: Iterable, token_bytes: torch.Tensor, device: str, dtype) -> dict[str, float]:
+    """Validation on (x, y) batches: bits per byte = summed cross-entropy (nats) / (ln 2 * UTF-8 bytes of the
+    targets), and the mean loss per target token. Targets -1 and special tokens (0 bytes) count in neither sum, so
+    bpb does not depend on how documents are delimited and is comparable across tokenizers."""
     was_training = model.training
     model.eval()
-    nats, nbytes = 0.0, 0
+    nats, nbytes, ntokens = 0.0, 0, 0
     token_bytes = token_bytes.to(device)
-    for x, y in iter_val_batches(shard_dir, batch_size, seq_len, max_tokens):
+    for x, y in batches:
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
             loss = model(x, y, reduction="none")  # (B, T) nats per target
         b = token_bytes[y.clamp(min=0)] * (y >= 0)  # (B, T) bytes per target, 0 for specials and ignored
         nats += float((loss.float().view_as(b) * (b > 0)).sum())
         nbytes += int(b.sum())
+        ntokens += int((b > 0).sum())
     model.train(was_training)
     if nbytes == 0:
-        raise UserError(f"the validation shards in {shard_dir} hold no text; rerun `chatsmith data prepare`")
-    return nats / (math.log(2) * nbytes)
+        raise UserError("the validation data holds no text to score; rebuild it (`chatsmith data prepare`)")
+    return {"bpb": nats / (math.log(2) * nbytes), "loss": nats / ntokens}
+
+
+def evaluate_bpb(model: GPT, shard_dir: Path, token_bytes: torch.Tensor, batch_size: int, seq_len: int,
+                 max_tokens: int, device: str, dtype) -> float:
+    """Bits per byte on the first `max_tokens` of the validation shards in `shard_dir`."""
+    return evaluate(model, iter_val_batches(shard_dir, batch_size, seq_len, max_tokens), token_bytes, device,
+                    dtype)["bpb"]
 
 
 @torch.no_grad()
-def sample(model: GPT, tok: Tokenizer, prompt: str, max_new_tokens: int, device: str, temperature: float = 0.8,
-           seed: int = 0) -> str:
-    """Plain sampling by full recompute (no KV cache): enough for a glimpse at checkpoints."""
+def sample(model: GPT, tok: Tokenizer, prompt: str | list[int], max_new_tokens: int, device: str,
+           temperature: float = 0.8, seed: int = 0, stop_ids: tuple[int, ...] | None = None) -> str:
+    """Plain sampling by full recompute (no KV cache): enough for a glimpse at checkpoints. `prompt` is text (encoded
+    after BOS) or ids; generation stops at `stop_ids` (default: BOS, the document separator)."""
     was_training = model.training
     model.eval()
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    ids = tok.encode(prompt, bos=True)
+    ids = tok.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)
+    stop = set(stop_ids if stop_ids is not None else (tok.bos_id,))
     start = len(ids)
     for _ in range(max_new_tokens):
         ctx = torch.tensor([ids[-model.config.seq_len:]], device=device)  # (1, T)
@@ -97,7 +107,7 @@ def sample(model: GPT, tok: Tokenizer, prompt: str, max_new_tokens: int, device:
             nxt = int(logits.argmax())
         else:
             nxt = int(torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen))
-        if nxt == tok.bos_id:
+        if nxt in stop:
             break
         ids.append(nxt)
     model.train(was_training)
@@ -175,43 +185,45 @@ def read_metrics(run: Path, kind: str = "train") -> list[dict]:
 # the loop
 
 
-def main(cfg: config.PretrainStage) -> dict:
-    """Pretrain on the run's shards; returns a summary dict (final val bpb, tokens, seconds)."""
-    tc = cfg.train
-    run = run_dir(cfg.run.run)
-    for need, hint in ((run / "tokenizer" / "tokenizer.json", "tokenizer train"),
-                       (run / "shards" / "train" / "index.json", "data prepare")):
-        if not need.exists():
-            raise UserError(f"run {cfg.run.run!r} has no {need.parent.name} yet; run `chatsmith {hint} --run "
-                            f"{cfg.run.run}` first (or `chatsmith speedrun`)")
-    tok = Tokenizer.load(run / "tokenizer")
-    mcfg: ModelConfig = cfg.model.resolve(vocab_size=cfg.model.vocab_size or tok.vocab_size)
-    if mcfg.vocab_size < tok.vocab_size:
-        raise UserError(f"--model-vocab-size {mcfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
-    cfg = dataclasses.replace(cfg, model=mcfg)
-    ckroot = run / "checkpoints"
+@dataclass
+class Job:
+    """What one training run needs; pretraining and SFT build one each and hand it to `fit`."""
 
-    ck = None
-    if checkpoint.list_checkpoints(ckroot):
-        if not tc.resume:
-            raise UserError(f"run {cfg.run.run!r} already has checkpoints; pass --resume to continue it, or choose "
-                            f"a new --run name")
-        ck = checkpoint.load_latest(ckroot)
-        saved = ck.meta.get("config", {}).get("model")
-        if saved is not None and saved != dataclasses.asdict(mcfg):
-            raise UserError(f"the checkpoint {ck.path.name} was trained with another model config; resume with the "
-                            f"same flags or choose a new --run name")
+    name: str  # "pretrain" or "sft": the progress label and the summary's log line
+    cfg: Any  # the stage config (run, optim, train sections; model resolved), saved in every checkpoint's meta
+    out: Path  # checkpoints/ and metrics.jsonl go here
+    model: GPT
+    loader: Any  # next_batch() -> (x, y); state_dict() / load_state_dict()
+    val_batches: Callable[[], Iterable]  # a fresh finite iterator of validation (x, y) batches
+    samples: Callable[[GPT, int], list[tuple[str, str]]]  # (model, seed) -> [(prompt, generated text)]
+    token_bytes: torch.Tensor
+    resume: Any = None  # the checkpoint.Checkpoint to continue from, or None
 
-    device = device_type(tc.device)
+
+def prior_checkpoint(ckroot: Path, run_name: str, resume: bool, model_cfg: dict):
+    """The checkpoint to resume from (None for a fresh start); refuses to overwrite a run unless `resume`."""
+    if not checkpoint.list_checkpoints(ckroot):
+        return None
+    if not resume:
+        raise UserError(f"run {run_name!r} already has checkpoints in {ckroot}; pass --resume to continue it, or "
+                        f"choose a new --run name")
+    ck = checkpoint.load_latest(ckroot)
+    saved = ck.meta.get("config", {}).get("model")
+    if saved is not None and saved != model_cfg:
+        raise UserError(f"the checkpoint {ck.path.name} was trained with another model config; resume with the "
+                        f"same flags or choose a new --run name")
+    return ck
+
+
+def fit(job: Job) -> dict:
+    """Train `job.model` for cfg.train.steps optimizer steps (continuing from job.resume); returns a summary."""
+    cfg, tc, model, loader = job.cfg, job.cfg.train, job.model, job.loader
+    mcfg = model.config
+    ckroot = job.out / "checkpoints"
+    device = next(model.parameters()).device.type
     dtype = autocast_dtype(device, tc.precision)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    seed_all(cfg.run.seed)
-    config.save(cfg, run / "config.json", "pretrain")
-
-    model = GPT.build(mcfg, device=device)
     opt = build_optimizer(model, cfg.optim)
-    loader = PackingLoader(run / "shards" / "train", tc.device_batch, mcfg.seq_len)
+    ck = job.resume
     step = 0
     if ck is not None:
         model.load_state_dict(ck.model)
@@ -220,45 +232,38 @@ def main(cfg: config.PretrainStage) -> dict:
         if ck.rng:
             checkpoint.restore_rng(ck.rng)
         step = ck.step
-        log(f"resuming run {cfg.run.run!r} from {ck.path.name} (step {step})")
+        log(f"{job.name}: resuming run {cfg.run.run!r} from {ck.path.name} (step {step})")
     step_model = torch.compile(model) if tc.compile else model
 
     rows_per_step = max(1, tc.batch_tokens // (tc.device_batch * mcfg.seq_len)) if tc.batch_tokens else 1
     tokens_per_step = rows_per_step * tc.device_batch * mcfg.seq_len
     flops_per_token = model.flops_per_token()
     peak = matmul_peak_flops("bfloat16" if dtype is not None else "float32", device=device)
-    token_bytes = tok.token_bytes()
-    val_dir = run / "shards" / "val"
-    metrics = MetricsLog(run / "metrics.jsonl", resume_step=step if ck is not None else None)
-    last_bpb = (read_metrics(run, "val") or [{}])[-1].get("val_bpb")
-    log(f"model: {model.num_params() / 1e6:.2f}M params ({model.num_params(non_embedding=True) / 1e6:.2f}M "
+    metrics = MetricsLog(job.out / "metrics.jsonl", resume_step=step if ck is not None else None)
+    last_bpb = (read_metrics(job.out, "val") or [{}])[-1].get("val_bpb")
+    log(f"{job.name}: {model.num_params() / 1e6:.2f}M params ({model.num_params(non_embedding=True) / 1e6:.2f}M "
         f"non-embedding), {flops_per_token / 1e6:.1f} MFLOPs/token; {tokens_per_step} tokens/step; "
         f"{'bf16 autocast' if dtype is not None else 'fp32'} on {device}")
 
-    saved_step = ck.step if ck is not None else 0
-
     def save(at: int) -> None:
-        nonlocal saved_step
         checkpoint.save(ckroot, at, model.state_dict(), optimizer=opt.state_dict(),
                         state={"loader": loader.state_dict()},
-                        meta={"config": config.to_dict(cfg), "tokens": at * tokens_per_step},
+                        meta={"config": config.to_dict(cfg), "kind": job.name, "tokens": at * tokens_per_step},
                         keep_last=tc.keep_last)
-        saved_step = at
 
     def validate(at: int) -> float:
-        bpb = evaluate_bpb(model, val_dir, token_bytes, tc.device_batch, mcfg.seq_len, tc.eval_tokens, device, dtype)
-        metrics.write(kind="val", step=at, val_bpb=bpb)
-        return bpb
+        result = evaluate(model, job.val_batches(), job.token_bytes, device, dtype)
+        metrics.write(kind="val", step=at, val_bpb=result["bpb"], val_loss=result["loss"])
+        return result["bpb"]
 
     def samples(at: int) -> None:
-        for i, prompt in enumerate(SAMPLE_PROMPTS):
-            text = sample(model, tok, prompt, 32, device, seed=cfg.run.seed + i)
+        for prompt, text in job.samples(model, cfg.run.seed):
             metrics.write(kind="sample", step=at, prompt=prompt, text=text)
-            log(f"  sample | {prompt}{text!r}")
+            log(f"  sample | {prompt} → {text!r}")
 
     model.train()
     t_start = time.perf_counter()
-    bar = progress(total=tc.steps, initial=step, desc="pretrain", unit="step")
+    bar = progress(total=tc.steps, initial=step, desc=job.name, unit="step")
     with StopRequest() as stop, bar:  # the bar closes before any error message
         while step < tc.steps:
             apply_schedules(opt, step, tc.steps, cfg.optim)
@@ -302,5 +307,43 @@ def main(cfg: config.PretrainStage) -> dict:
     wall = time.perf_counter() - t_start
     summary = {"run": cfg.run.run, "steps": step, "tokens": step * tokens_per_step, "val_bpb": last_bpb,
                "seconds": wall}
-    log(f"pretrain done: {json.dumps(summary)}")
+    log(f"{job.name} done: {json.dumps(summary)}")
     return summary
+
+
+def setup(cfg, stage: str) -> str:
+    """Device, threads, seed and the saved config of a training stage; returns the device type."""
+    device = device_type(cfg.train.device)
+    autocast_dtype(device, cfg.train.precision)  # a bad --precision fails here, before any work
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_all(cfg.run.seed)
+    config.save(cfg, run_dir(cfg.run.run) / "config.json", stage)
+    return device
+
+
+def main(cfg: config.PretrainStage) -> dict:
+    """Pretrain on the run's shards; returns a summary dict (final val bpb, tokens, seconds)."""
+    tc = cfg.train
+    run = run_dir(cfg.run.run)
+    for need, hint in ((run / "tokenizer" / "tokenizer.json", "tokenizer train"),
+                       (run / "shards" / "train" / "index.json", "data prepare")):
+        if not need.exists():
+            raise UserError(f"run {cfg.run.run!r} has no {need.parent.name} yet; run `chatsmith {hint} --run "
+                            f"{cfg.run.run}` first (or `chatsmith speedrun`)")
+    tok = Tokenizer.load(run / "tokenizer")
+    mcfg: ModelConfig = cfg.model.resolve(vocab_size=cfg.model.vocab_size or tok.vocab_size)
+    if mcfg.vocab_size < tok.vocab_size:
+        raise UserError(f"--model-vocab-size {mcfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
+    cfg = dataclasses.replace(cfg, model=mcfg)
+    ck = prior_checkpoint(run / "checkpoints", cfg.run.run, tc.resume, dataclasses.asdict(mcfg))
+    device = setup(cfg, "pretrain")
+
+    def samples(model: GPT, seed: int) -> list[tuple[str, str]]:
+        return [(p, sample(model, tok, p, 32, device, seed=seed + i)) for i, p in enumerate(SAMPLE_PROMPTS)]
+
+    return fit(Job(
+        name="pretrain", cfg=cfg, out=run, model=GPT.build(mcfg, device=device),
+        loader=PackingLoader(run / "shards" / "train", tc.device_batch, mcfg.seq_len),
+        val_batches=lambda: iter_val_batches(run / "shards" / "val", tc.device_batch, mcfg.seq_len, tc.eval_tokens),
+        samples=samples, token_bytes=tok.token_bytes(), resume=ck))
