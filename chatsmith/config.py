@@ -23,11 +23,11 @@ from .common import UserError, atomic_write_json
 from .model import ModelConfig
 
 
-def opt(default, help: str):
-    """A dataclass field with a default and the help text its command-line flag shows."""
+def opt(default, help: str, short: str = ""):
+    """A dataclass field with a default, the help text its command-line flag shows, and an optional short flag."""
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple for sequence defaults: configs are frozen")
-    return field(default=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help, "short": short})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -95,6 +95,25 @@ class TrainConfig:
     resume: bool = opt(False, "continue the run from its latest valid checkpoint")
 
 
+@dataclass(frozen=True)
+class SFTDataConfig:
+    mixture: tuple[str, ...] = opt(
+        ("identity:0.3", "arithmetic:1", "idioms:0.5", "sharegpt:1", "chatterbot:1"),
+        "conversation sources as name:weight (identity, arithmetic, idioms, sharegpt, chatterbot); a source brings "
+        "max_convs * weight / (largest weight) conversations",
+    )
+    max_convs: int = opt(1000, "train conversations of the heaviest source (the others in proportion to their weight)")
+    val_convs: int = opt(50, "val conversations of the heaviest source (the others in proportion to their weight)")
+    max_chars: int = opt(2000, "cut conversations to this many characters at a message boundary; 0 keeps them whole")
+
+
+@dataclass(frozen=True)
+class ChatCheckConfig:
+    check_prompts: int = opt(200, "held-out prompts answered after SFT to check replies end with <|im_end|>; 0: skip")
+    check_zh_prompts: int = opt(100, "how many of them are Chinese (to check Chinese prompts get Chinese replies)")
+    check_max_tokens: int = opt(128, "reply length limit for those checks")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # stages: each is a dataclass of sections
 
@@ -121,6 +140,20 @@ class PretrainStage:
     train: TrainConfig = TrainConfig()
 
 
+# SFT continues from weights whose schedule ended at zero: a quarter of the pretraining rates, decayed to zero
+SFT_OPTIM = OptimConfig(matrix_lr=0.005, embed_lr=0.05, head_lr=0.001, scalar_lr=0.01, warmdown_frac=1.0)
+SFT_TRAIN = TrainConfig(steps=200, eval_every=50, ckpt_every=100, eval_tokens=32768)
+
+
+@dataclass(frozen=True)
+class SFTStage:
+    run: RunConfig = RunConfig()
+    sft: SFTDataConfig = SFTDataConfig()
+    checks: ChatCheckConfig = ChatCheckConfig()
+    sft_optim: OptimConfig = SFT_OPTIM
+    sft_train: TrainConfig = SFT_TRAIN
+
+
 @dataclass(frozen=True)
 class SpeedrunStage:
     run: RunConfig = RunConfig()
@@ -130,6 +163,10 @@ class SpeedrunStage:
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    sft: SFTDataConfig = SFTDataConfig()
+    checks: ChatCheckConfig = ChatCheckConfig()
+    sft_optim: OptimConfig = SFT_OPTIM
+    sft_train: TrainConfig = SFT_TRAIN
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -144,6 +181,9 @@ def preset_smoke() -> dict[str, dict[str, Any]]:
         "shards": {"shard_docs": 256},
         "model": {"depth": 2, "aspect": 32, "head_dim": 32, "seq_len": 128},
         "train": {"steps": 20, "device_batch": 4, "eval_every": 10, "eval_tokens": 4096, "ckpt_every": 10},
+        "sft": {"max_convs": 60, "val_convs": 10},
+        "checks": {"check_prompts": 8, "check_zh_prompts": 4, "check_max_tokens": 16},
+        "sft_train": {"steps": 10, "device_batch": 4, "eval_every": 5, "eval_tokens": 2048, "ckpt_every": 5},
     }
 
 
@@ -157,6 +197,7 @@ def preset_cpu() -> dict[str, dict[str, Any]]:
         "tokenizer": {"vocab_size": 8192, "train_chars": 60_000_000},
         "model": {"depth": 4, "aspect": 64, "head_dim": 64, "seq_len": 512},
         "train": {"steps": 1000, "device_batch": 8, "eval_every": 100, "eval_tokens": 65536, "ckpt_every": 200},
+        "sft_train": {"steps": 300, "device_batch": 8, "eval_every": 50, "eval_tokens": 32768, "ckpt_every": 100},
     }
 
 
@@ -171,6 +212,11 @@ def _sections(stage_cls) -> dict[str, type]:
     return {f.name: f.type if isinstance(f.type, type) else type(f.default) for f in dataclasses.fields(stage_cls)}
 
 
+def _section_defaults(stage_cls) -> dict[str, Any]:
+    """The default instance of each section of a stage (a stage may set its own, e.g. SFT's learning rates)."""
+    return {f.name: f.default for f in dataclasses.fields(stage_cls)}
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -183,6 +229,7 @@ def build_parser(stage_cls, prog: str, description: str = "") -> argparse.Argume
     """An argparse parser with one flag per field of every section of `stage_cls` (defaults left unset)."""
     parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     seen: dict[str, str] = {}
+    defaults = _section_defaults(stage_cls)
     for section, section_cls in _sections(stage_cls).items():
         group = parser.add_argument_group(section)
         hints = _field_types(section_cls)
@@ -191,15 +238,16 @@ def build_parser(stage_cls, prog: str, description: str = "") -> argparse.Argume
             flag = _flag(f"{section}_{f.name}" if f.name in seen else f.name)
             seen.setdefault(f.name, section)
             kind = hints[f.name]
-            help_text = f.metadata.get("help", "") + f" (default: {f.default!r})"
+            help_text = f.metadata.get("help", "") + f" (default: {getattr(defaults[section], f.name)!r})"
             dest = f"{section}.{f.name}"
+            flags = [flag, *([f.metadata["short"]] if f.metadata.get("short") else [])]
             if kind is bool:
-                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=help_text)
+                group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, help=help_text)
             elif typing.get_origin(kind) is tuple:
                 elem = typing.get_args(kind)[0]
-                group.add_argument(flag, dest=dest, nargs="+", type=elem, help=help_text, metavar="X")
+                group.add_argument(*flags, dest=dest, nargs="+", type=elem, help=help_text, metavar="X")
             else:
-                group.add_argument(flag, dest=dest, type=kind, help=help_text, metavar=kind.__name__.upper())
+                group.add_argument(*flags, dest=dest, type=kind, help=help_text, metavar=kind.__name__.upper())
     return parser
 
 
@@ -214,6 +262,7 @@ def make(stage_cls, overrides: dict[str, dict[str, Any]] | None = None):
         for section, values in source.items():
             merged.setdefault(section, {}).update(values)
     sections = _sections(stage_cls)
+    defaults = _section_defaults(stage_cls)
     built = {}
     for section, section_cls in sections.items():
         values = merged.get(section, {})
@@ -223,7 +272,7 @@ def make(stage_cls, overrides: dict[str, dict[str, Any]] | None = None):
         for key, value in values.items():
             if key in names:
                 kwargs[key] = tuple(value) if typing.get_origin(hints[key]) is tuple else value
-        built[section] = section_cls(**kwargs)
+        built[section] = dataclasses.replace(defaults[section], **kwargs)
     run = built.get("run")
     if run is not None and not run.run:
         built["run"] = dataclasses.replace(run, run=run.preset)
@@ -248,6 +297,7 @@ def to_dict(cfg) -> dict[str, Any]:
 def from_dict(stage_cls, d: dict[str, Any]):
     """Rebuild a stage config saved with `save` (unknown keys are ignored, missing ones take defaults)."""
     sections = _sections(stage_cls)
+    defaults = _section_defaults(stage_cls)
     built = {}
     for section, section_cls in sections.items():
         names = {f.name for f in dataclasses.fields(section_cls)}
@@ -256,7 +306,7 @@ def from_dict(stage_cls, d: dict[str, Any]):
         for k, v in values.items():
             if typing.get_origin(hints[k]) is tuple:
                 values[k] = tuple(v)
-        built[section] = section_cls(**values)
+        built[section] = dataclasses.replace(defaults[section], **values)
     return stage_cls(**built)
 
 
