@@ -21,12 +21,18 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                      "tokenize the run's documents into token shards (parallel, resumable)"),
     "pretrain": ("chatsmith.train", "main", "chatsmith.config:PretrainStage",
                  "pretrain the base model on the run's token shards"),
+    "sft": ("chatsmith.sft", "main", "chatsmith.sft:SFTStage",
+            "chat fine-tuning of the run's base model (assistant-only loss), then reply checks"),
+    "chat": ("chatsmith.cli", "main", "chatsmith.cli:ChatStage",
+             "talk to the run's chat model in the terminal (streamed, with tools); -p PROMPT for one shot"),
     "bench train": ("chatsmith.bench", "train_main", "chatsmith.bench:TrainBench",
                     "training tokens/s and MFU beside HF transformers, JSON out"),
     "bench data": ("chatsmith.bench", "data_main", "chatsmith.bench:DataBench",
                    "data prepare throughput in MB/s, JSON out"),
+    "bench decode": ("chatsmith.bench", "decode_main", "chatsmith.bench:DecodeBench",
+                     "greedy decode tokens/s beside HF transformers generate, and 8 sequences batched, JSON out"),
     "speedrun": ("chatsmith.speedrun", "main", "chatsmith.config:SpeedrunStage",
-                 "run every stage in order: data, tokenizer, pretrain, samples"),
+                 "run every stage in order: tokenizer, data, pretrain, sft, samples"),
 }
 
 

@@ -4,8 +4,9 @@
     chatsmith speedrun --preset smoke     # seconds; what the tests run
 
 Stages: documents + tokenizer (`tokenizer train`) → token shards (`data prepare`) → pretraining (`pretrain`) →
-samples. Each stage skips work already done in the run directory, so rerunning after an interruption continues where
-it stopped (pretraining resumes from its latest checkpoint).
+chat fine-tuning (`sft`, with reply checks) → samples; then `chatsmith chat` talks to the result. Each stage skips
+work already done in the run directory, so rerunning after an interruption continues where it stopped (pretraining
+and SFT resume from their latest checkpoints).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .common import log, run_dir
 
 
 def main(cfg: config.SpeedrunStage) -> dict:
-    from . import tokenizer, train
+    from . import sft, tokenizer, train
     from .data import shards
 
     run = run_dir(cfg.run.run)
@@ -40,9 +41,16 @@ def main(cfg: config.SpeedrunStage) -> dict:
     summary = train.main(config.PretrainStage(run=cfg.run, model=cfg.model, optim=cfg.optim, train=train_cfg))
     timings["pretrain"] = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
+    sft_cfg = config.SFTStage(run=cfg.run, sft=cfg.sft, checks=cfg.checks, sft_optim=cfg.sft_optim,
+                              sft_train=dataclasses.replace(cfg.sft_train, resume=True))
+    chat_summary = sft.main(sft_cfg)
+    timings["sft"] = time.perf_counter() - t0
+
     result = {"run": str(run), "val_bpb": summary["val_bpb"], "tokens": summary["tokens"],
+              "sft_val_bpb": chat_summary["val_bpb"], "chat_checks": chat_summary.get("chat_checks"),
               "seconds": {k: round(v, 1) for k, v in timings.items()}}
-    for rec in train.read_metrics(run, "sample")[-len(train.SAMPLE_PROMPTS):]:
+    for rec in train.read_metrics(run / "chat", "sample")[-len(sft.SAMPLE_PROMPTS):]:
         log(f"  {rec['prompt']} → {rec['text']!r}")
     log(f"speedrun done: {json.dumps(result, ensure_ascii=False)}")
     return result

@@ -1,5 +1,6 @@
 """The README's main command, at the smoke preset: `chatsmith speedrun` runs every stage on the default offline corpora
-into one run directory, and a rerun finds everything done and changes nothing."""
+into one run directory (base model, then chat model with its reply checks), `chatsmith chat -p` answers from the
+result, and a rerun finds everything done and changes nothing."""
 
 import importlib.util
 import json
@@ -39,6 +40,20 @@ def test_smoke_speedrun_end_to_end_and_rerun(tmp_path):
     ckpts = sorted((run / "checkpoints").glob("step_*"))
     assert ckpts[-1].name == "step_000020"
     assert "speedrun done" in out.stderr
+
+    chat_dir = run / "chat"
+    assert sorted((chat_dir / "checkpoints").glob("step_*"))[-1].name == "step_000010"
+    sft_records = [json.loads(line) for line in (chat_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in sft_records if r["kind"] == "train"] == list(range(1, 11))
+    assert all(r["val_loss"] > 0 for r in sft_records if r["kind"] == "val")
+    checks = json.loads((chat_dir / "chat_checks.json").read_text())
+    assert checks["prompts"] == 8 and checks["zh_prompts"] == 4 and 0 <= checks["ended_with_im_end"] <= 8
+    assert json.loads((chat_dir / "checkpoints" / "step_000010" / "meta.json").read_text())["kind"] == "sft"
+
+    reply = subprocess.run([sys.executable, "-m", "chatsmith", "chat", "-p", "你好", "--max-tokens", "8",
+                            "--temperature", "0"], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert reply.returncode == 0, reply.stderr[-2000:]
+    assert "base model" not in reply.stderr  # the chat model was found, not the base fallback
 
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != "config.json"}
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)

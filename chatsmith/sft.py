@@ -1,0 +1,153 @@
+"""Chat fine-tuning (SFT): the base model learns to hold ChatML conversations, with loss on assistant tokens only.
+
+    chatsmith sft --preset cpu              # needs the run's base checkpoint (chatsmith pretrain / speedrun)
+    chatsmith sft --preset cpu --resume     # continue an interrupted SFT run exactly
+
+It is the pretraining loop (`train.fit`) with other data: conversations from the mixture of `data/chat.py` (ShareGPT's
+SFT split, chatterbot in English and Chinese, identity, arithmetic with calculator tool calls, Chinese idiom QA),
+rendered by the one chat template (`Tokenizer.render_conversation`, loss on assistant content and its `<|im_end|>`),
+packed whole into rows (never cut; the rest of a row is padding). It starts from the latest base checkpoint in
+`checkpoints/` and writes `chat/checkpoints/` and `chat/metrics.jsonl`. Validation is bits per byte and loss on the
+assistant tokens of held-out conversations. At the end, `chat_checks` generates replies to held-out prompts and
+measures how often a reply ends with `<|im_end|>` and how often a Chinese prompt gets a Chinese reply
+(`chat/chat_checks.json`).
+
+Learning rates: SFT continues from weights whose schedule ended at zero, with a quarter of the pretraining rates
+decayed linearly to zero over the SFT steps (`sft_optim`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import torch
+
+from . import checkpoint, config
+from .common import UserError, atomic_write_json, log, run_dir
+from .config import SFTStage
+from .data import chat
+from .model import GPT, ModelConfig
+from .tokenizer import Tokenizer
+from .train import Job, fit, prior_checkpoint, sample, setup
+
+SAMPLE_PROMPTS = ("Who are you?", "你是谁？", "What is 17 * 23?", "“画蛇添足”是什么意思？")
+
+
+def han_fraction(text: str) -> float:
+    """Share of the non-space characters of `text` that are CJK ideographs."""
+    chars = [c for c in text if not c.isspace()]
+    han = sum(1 for c in chars if "\u4e00" <= c <= "\u9fff" or "\u3400" <= c <= "\u4dbf")
+    return han / max(1, len(chars))
+
+
+def check_prompts(conversations: list[list[dict]], n: int, n_zh: int) -> list[str]:
+    """First user turns of held-out conversations: up to `n_zh` mostly-Chinese ones, then others up to `n` in all."""
+    firsts = []
+    for conv in conversations:
+        user = next((m["content"] for m in conv if m["role"] == "user"), None)
+        if user and user not in firsts:
+            firsts.append(user)
+    zh = [p for p in firsts if han_fraction(p) >= 0.5][:n_zh]
+    rest = [p for p in firsts if han_fraction(p) < 0.5][: max(0, n - len(zh))]
+    return zh + rest
+
+
+def base_model(run, run_name: str) -> tuple[ModelConfig, checkpoint.Checkpoint]:
+    base = checkpoint.load_latest(run / "checkpoints")
+    if base is None:
+        raise UserError(f"run {run_name!r} has no base model; run `chatsmith pretrain --run {run_name}` (or "
+                        f"`chatsmith speedrun`) first")
+    saved = base.meta.get("config", {}).get("model")
+    if not isinstance(saved, dict):
+        raise UserError(f"{base.path} has no model config in its meta.json; it was not written by chatsmith pretrain")
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in saved.items() if k in names}).resolve(), base
+
+
+@torch.no_grad()
+def chat_checks(model: GPT, tok: Tokenizer, prompts: list[str], max_tokens: int, device: str) -> dict:
+    """Greedy replies to single-turn `prompts` through the batching engine: how many end with <|im_end|> (not cut by
+    `max_tokens`), and for the prompts that are mostly Chinese, how many replies are >= 50 % han characters."""
+    from .engine import Engine, SamplingParams
+
+    was_training = model.training
+    model.eval()
+    engine = Engine(model, tok, slots=8)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    requests = []
+    for p in prompts:
+        ids = tok.render_for_completion([{"role": "user", "content": p}])
+        room = model.config.seq_len - len(ids)
+        if room < 1:
+            continue
+        requests.append((p, engine.submit(ids, dataclasses.replace(params, max_tokens=min(max_tokens, room)))))
+    while engine.has_work():
+        engine.step()
+    model.train(was_training)
+    rows = [(p, r.result()) for p, r in requests]
+    im_end = tok.special_id("<|im_end|>")
+    ended = sum(res.stop_reason == im_end for _, res in rows)
+    zh = [(p, res) for p, res in rows if han_fraction(p) >= 0.5]
+    zh_ok = sum(han_fraction(res.text) >= 0.5 for _, res in zh)
+    return {"prompts": len(rows), "ended_with_im_end": ended, "ended_frac": ended / max(1, len(rows)),
+            "zh_prompts": len(zh), "zh_replies_mostly_han": zh_ok, "zh_frac": zh_ok / max(1, len(zh)),
+            "examples": [{"prompt": p, "reply": res.text, "finish": res.finish_reason} for p, res in rows[:12]]}
+
+
+def main(cfg: SFTStage) -> dict:
+    """Fine-tune the run's base model on the conversation mixture; returns a summary (val bpb, chat checks)."""
+    tc = cfg.sft_train
+    run = run_dir(cfg.run.run)
+    if not (run / "tokenizer" / "tokenizer.json").exists():
+        raise UserError(f"run {cfg.run.run!r} has no tokenizer; run `chatsmith speedrun` first")
+    tok = Tokenizer.load(run / "tokenizer")
+    mcfg, base = base_model(run, cfg.run.run)
+    out = run / "chat"
+    ck = prior_checkpoint(out / "checkpoints", cfg.run.run, tc.resume, dataclasses.asdict(mcfg))
+    device = setup(cfg, cfg.run, tc, "sft")
+
+    t0 = time.perf_counter()
+    train_rows = chat.render_rows(tok, chat.build_conversations(cfg.sft, "train", cfg.run.seed))
+    val_rows = chat.render_rows(tok, chat.build_conversations(cfg.sft, "val", cfg.run.seed))
+    fits = [r for r in val_rows if len(r[0]) <= mcfg.seq_len + 1]
+    if len(fits) < len(val_rows):
+        log(f"sft: {len(val_rows) - len(fits)} of {len(val_rows)} val conversations are longer than the context "
+            f"({mcfg.seq_len + 1} tokens); validation leaves them out")
+    val_rows = fits
+    log(f"sft: {len(train_rows)} train and {len(val_rows)} val conversations rendered in "
+        f"{time.perf_counter() - t0:.1f}s")
+    model = GPT.build(mcfg, device=device)
+    if ck is None:
+        model.load_state_dict(base.model)
+        log(f"sft: starting from the base model {base.path.name}")
+    loader = chat.ChatLoader(train_rows, tc.device_batch, mcfg.seq_len, seed=cfg.run.seed)
+    val_batches = max(1, tc.eval_tokens // (tc.device_batch * mcfg.seq_len))
+    stop_ids = (tok.special_id("<|im_end|>"), tok.bos_id)
+
+    def samples(m: GPT, seed: int) -> list[tuple[str, str]]:
+        return [(p, sample(m, tok, tok.render_for_completion([{"role": "user", "content": p}]), 48, device,
+                           seed=seed + i, stop_ids=stop_ids)) for i, p in enumerate(SAMPLE_PROMPTS)]
+
+    summary = fit(Job(
+        name="sft", run=cfg.run, optim=cfg.sft_optim, train=tc, out=out,
+        saved_config={**config.to_dict(cfg), "model": dataclasses.asdict(mcfg)},  # the shape, for chat and export
+        model=model, loader=loader, samples=samples, token_bytes=tok.token_bytes(), resume=ck,
+        val_batches=lambda: chat.iter_val_batches(val_rows, tc.device_batch, mcfg.seq_len, max_batches=val_batches)))
+
+    checks_path = out / "chat_checks.json"
+    cc = cfg.checks
+    if cc.check_prompts and not (ck is not None and ck.step >= tc.steps and checks_path.exists()):
+        # a larger draw of held-out conversations than validation uses, for enough prompts of both languages
+        more = dataclasses.replace(cfg.sft, val_convs=max(cfg.sft.val_convs, cc.check_prompts))
+        prompts = check_prompts(chat.build_conversations(more, "val", cfg.run.seed), cc.check_prompts,
+                                cc.check_zh_prompts)
+        checks = chat_checks(model, tok, prompts, cc.check_max_tokens, device)
+        atomic_write_json(checks_path, checks)
+        log(f"sft: {checks['ended_with_im_end']}/{checks['prompts']} held-out replies end with <|im_end|>; "
+            f"{checks['zh_replies_mostly_han']}/{checks['zh_prompts']} Chinese prompts got a mostly-Chinese reply")
+    if checks_path.exists():
+        checks = json.loads(checks_path.read_text(encoding="utf-8"))
+        summary["chat_checks"] = {k: v for k, v in checks.items() if k != "examples"}
+    return summary
