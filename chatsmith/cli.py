@@ -1,0 +1,360 @@
+"""Terminal chat with a trained model: streamed replies, tool calls, a few slash commands.
+
+    chatsmith chat                          # the latest chat checkpoint of the most recent run
+    chatsmith chat --run cpu --temperature 0.3
+    chatsmith chat --checkpoint ~/.cache/chatsmith/runs/cpu/chat/checkpoints/step_000400
+    chatsmith chat --prompt "What is 12*34?"   # one-shot: prints the reply on stdout and exits 0
+
+Which model: `--checkpoint PATH` (a step_N directory), else the newest valid checkpoint of `--run` (default: the most
+recently modified run) under `<run>/chat/checkpoints` (written by SFT), else under `<run>/checkpoints` (the base
+model, with a warning: it continues text rather than answering). The tokenizer comes from `<run>/tokenizer` (for
+`--checkpoint`, the nearest parent directory holding `tokenizer/`), the model shape from the checkpoint's meta.json
+(`config.model`).
+
+Input: Enter sends. A line ending in a backslash continues on the next line; a line holding only three double quotes
+(`\"\"\"`) starts paste mode, which ends at the next such line (for pasting code). Commands: /help, /clear (forget the
+conversation, keep the system prompt), /system TEXT (set the system prompt; empty removes it), /temp X (sampling
+temperature, 0 = greedy), /tools on|off, /quit (or Ctrl-D). Ctrl-C during a reply stops it; at the prompt it quits.
+
+Context: before each reply the oldest exchanges (a user message and the turns that answer it) are dropped until the
+prompt leaves room for `min(--max-tokens, context / 4)` tokens of reply; the system prompt is always kept, and a
+notice says how many were dropped. A message too long on its own is refused with a notice; nothing here crashes.
+
+Threads: decoding a small model is a chain of tiny matmuls, and on a busy 2-core machine a second intra-op thread
+mostly waits. Measured (bench-ref shape: 4 layers, width 256, vocab 8192, fp32; 2-core EPYC shared with a training
+run; one request, 60-token prompt, 64 sampled tokens, median of 3 interleaved runs): 196 tok/s on 1 thread against
+28 tok/s on 2. So `--threads` defaults to 1; raise it for big models or long prompts on an idle machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from .common import UserError, latest_run, log, run_dir
+from .config import opt
+
+NO_MODEL = "no chat model found; run `chatsmith speedrun` first"
+PASTE = '"""'
+HELP = """commands:
+  /help          this list
+  /clear         forget the conversation (the system prompt stays)
+  /system TEXT   set the system prompt (/system alone removes it)
+  /temp X        sampling temperature (0 = greedy)
+  /tools on|off  let the model call the calculator and python tools
+  /quit          leave (or Ctrl-D)
+input: end a line with \\ to continue on the next one; a line of three double quotes starts and ends paste mode"""
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    run: str = opt("", "run to load under $CHATSMITH_HOME/runs; default: the most recently modified run")
+    checkpoint: str = opt("", "a checkpoint directory (step_N) to load instead of the run's newest one")
+    device: str = opt("auto", "auto, cpu, cuda or mps")
+    precision: str = opt("auto", "auto (bf16 on CUDA >= sm80 and AMX CPUs, else fp32), bf16 or fp32")
+    threads: int = opt(1, "torch intra-op threads for decoding (1 is fastest for small models on a busy CPU); "
+                          "0 leaves torch's default")
+    context: int = opt(0, "context window in tokens (KV cache length); 0 means the model's seq_len")
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    prompt: str = opt("", "one-shot: answer this prompt, print the reply and exit", short="-p")
+    system: str = opt("", "system prompt")
+    temperature: float = opt(0.6, "sampling temperature; 0 = greedy")
+    top_k: int = opt(50, "sample from the k most likely tokens; 0 = off")
+    top_p: float = opt(0.95, "nucleus sampling mass; 1 = off")
+    max_tokens: int = opt(512, "most tokens per reply (per round when tools are called)")
+    seed: int = opt(-1, "sampling seed (each reply adds its number); -1 = random")
+    tools: bool = opt(True, "let the model call the calculator and python tools")
+    max_tool_calls: int = opt(4, "most tool calls in one reply")
+
+
+@dataclass(frozen=True)
+class ChatStage:
+    load: LoadConfig = LoadConfig()
+    chat: ChatConfig = ChatConfig()
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # chatsmith.model.GPT, in eval mode
+    tokenizer: Any  # chatsmith.tokenizer.Tokenizer
+    checkpoint: Path
+    run: Path
+    is_chat: bool  # False: a base (pretrained only) checkpoint
+    autocast_dtype: Any  # torch dtype or None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def _find_tokenizer_dir(checkpoint: Path) -> Path | None:
+    for parent in checkpoint.resolve().parents:
+        if (parent / "tokenizer" / "tokenizer.json").is_file():
+            return parent
+    return None
+
+
+def load_chat_model(cfg: LoadConfig) -> LoadedModel:
+    """The model, tokenizer and precision chosen by `cfg` (see the module docstring for the search order)."""
+    import torch
+
+    from . import checkpoint as ckpt
+    from .common import autocast_dtype, device_type
+    from .model import GPT, ModelConfig
+    from .tokenizer import Tokenizer
+
+    device = device_type(cfg.device)
+    dtype = autocast_dtype(device, cfg.precision)
+    if cfg.checkpoint:
+        path = Path(cfg.checkpoint).expanduser()
+        run = run_dir(cfg.run, create=False) if cfg.run else _find_tokenizer_dir(path)
+        if run is None:
+            raise UserError(f"no tokenizer/ found above {path}; pass --run NAME to take the tokenizer of that run")
+        ck = ckpt.load(path)
+        is_chat = path.resolve().parent.parent.name == "chat"
+    else:
+        run = run_dir(cfg.run, create=False) if cfg.run else latest_run()
+        if run is None or not run.is_dir():
+            raise UserError(NO_MODEL if not cfg.run else f"run {cfg.run!r} does not exist; run `chatsmith speedrun "
+                                                         f"--run {cfg.run}` first or pick another --run")
+        ck, is_chat = ckpt.load_latest(run / "chat" / "checkpoints"), True
+        if ck is None:
+            ck, is_chat = ckpt.load_latest(run / "checkpoints"), False
+        if ck is None:
+            raise UserError(f"{NO_MODEL} (run {run.name} has no checkpoints)")
+        if not is_chat:
+            log(f"warning: run {run.name} has no chat checkpoint yet, so this is the base model {ck.path.name}: it "
+                f"continues text rather than answering; run `chatsmith sft` for a chat model")
+    saved = ck.meta.get("config", {}).get("model")
+    if not isinstance(saved, dict):
+        raise UserError(f"{ck.path / 'meta.json'} holds no config.model, so the model shape is unknown; load a "
+                        f"checkpoint written by chatsmith")
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    mcfg = ModelConfig(**{k: v for k, v in saved.items() if k in names}).resolve()
+    tokenizer = Tokenizer.load(run / "tokenizer")
+    if tokenizer.vocab_size > mcfg.vocab_size:
+        raise UserError(f"the tokenizer in {run / 'tokenizer'} has {tokenizer.vocab_size} ids but the model only "
+                        f"{mcfg.vocab_size}; pass the --run the checkpoint was trained in")
+    if cfg.threads > 0 and device == "cpu":
+        torch.set_num_threads(cfg.threads)
+    model = GPT.build(mcfg, device=device)
+    try:
+        model.load_state_dict(ck.model)
+    except RuntimeError as e:
+        raise UserError(f"the weights in {ck.path} do not fit the model its meta.json describes "
+                        f"({str(e).splitlines()[0][:120]}); load another checkpoint") from None
+    return LoadedModel(model.eval(), tokenizer, ck.path, run, is_chat, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the conversation
+
+
+def exchanges(messages: Sequence[dict]) -> tuple[list[dict], list[list[dict]]]:
+    """(leading system messages, the rest cut into exchanges: each a user message and the turns after it)."""
+    n = 0
+    while n < len(messages) and messages[n]["role"] == "system":
+        n += 1
+    groups: list[list[dict]] = []
+    for message in messages[n:]:
+        if message["role"] == "user" or not groups:
+            groups.append([])
+        groups[-1].append(message)
+    return list(messages[:n]), groups
+
+
+def fit_context(count: Callable[[list[dict]], int], messages: Sequence[dict], limit: int) -> tuple[list[dict], int]:
+    """Drop the oldest exchanges (never the system prompt or the last exchange) until count(messages) <= limit.
+    Returns (kept messages, exchanges dropped); the result may still be too long when the last exchange is."""
+    system, groups = exchanges(messages)
+    dropped = 0
+    while len(groups) > 1 and count([*system, *(m for g in groups for m in g)]) > limit:
+        groups.pop(0)
+        dropped += 1
+    return [*system, *(m for g in groups for m in g)], dropped
+
+
+class ChatSession:
+    """One terminal conversation over an engine; reads from `stdin`, replies on `stdout`, notices on `stderr`."""
+
+    def __init__(self, engine, tokenizer, cfg: ChatConfig, stdin: TextIO, stdout: TextIO, stderr: TextIO):
+        self.engine, self.tokenizer, self.cfg = engine, tokenizer, cfg
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
+        self.system, self.temperature, self.tools = cfg.system, cfg.temperature, cfg.tools
+        self.messages: list[dict] = []  # user / assistant / tool turns; the system prompt is kept apart
+        self.replies = 0
+
+    # -- output ---------------------------------------------------------------------------------------------------
+
+    def write(self, text: str) -> None:
+        self.stdout.write(text)
+        self.stdout.flush()
+
+    def notice(self, text: str) -> None:
+        self.stderr.write(f"[{text}]\n")
+        self.stderr.flush()
+
+    # -- one reply ------------------------------------------------------------------------------------------------
+
+    def conversation(self) -> list[dict]:
+        return [{"role": "system", "content": self.system}, *self.messages] if self.system else list(self.messages)
+
+    def reply(self, text: str) -> bool:
+        """Answer the user message `text` (streamed to stdout); False when it could not be answered."""
+        from .engine import SamplingParams, chat
+
+        room = min(self.cfg.max_tokens, max(1, self.engine.max_len // 4))  # tokens left free for the reply
+        limit = self.engine.max_len - room
+
+        def count(messages: list[dict]) -> int:
+            return len(self.tokenizer.render_for_completion(messages))
+
+        kept, dropped = fit_context(count, [*self.conversation(), {"role": "user", "content": text}], limit)
+        if dropped:
+            self.notice(f"the conversation outgrew the {self.engine.max_len}-token context: dropped the oldest "
+                        f"{dropped} exchange{'s' if dropped > 1 else ''}")
+        if (n := count(kept)) > limit:
+            self.notice(f"that message needs {n} tokens with the system prompt, more than the {limit} the "
+                        f"{self.engine.max_len}-token context leaves for it; shorten it (or the /system prompt)")
+            return False
+        self.messages = kept[1:] if self.system else kept
+        seed = None if self.cfg.seed < 0 else self.cfg.seed + self.replies
+        params = SamplingParams(max_tokens=self.cfg.max_tokens, temperature=self.temperature, top_k=self.cfg.top_k,
+                                top_p=self.cfg.top_p, seed=seed)
+        self.replies += 1
+        try:
+            result = chat(self.engine, self.tokenizer, kept, params, tools=self.tools, on_delta=self.write,
+                          on_tool=self._show_tool, max_tool_calls=self.cfg.max_tool_calls)
+        except KeyboardInterrupt:
+            self.write("\n")
+            self.notice("stopped; that exchange is forgotten")
+            self.messages.pop()
+            return False
+        self.write("\n")
+        self.messages += result.messages
+        if result.finish_reason == "length":
+            self.notice("the reply was cut: it reached --max-tokens or the end of the context")
+        elif result.finish_reason == "tool_limit":
+            self.notice(f"the reply was cut: it asked for more than {self.cfg.max_tool_calls} tool calls")
+        return True
+
+    def _show_tool(self, call: dict, output: str) -> None:
+        import json
+
+        args = json.dumps(call["arguments"], ensure_ascii=False)
+        self.write(f"\n[{call['name'] or 'tool'} {args} -> {output}]\n")
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+
+    def read_line(self, prompt: str) -> str | None:
+        """One line without its newline, or None at end of input."""
+        if self.stdin is sys.stdin and sys.stdin.isatty():
+            try:
+                import readline  # noqa: F401  (line editing and history for input())
+            except ImportError:
+                pass
+            try:
+                return input(prompt)
+            except EOFError:
+                return None
+        line = self.stdin.readline()
+        return None if line == "" else line.rstrip("\n").removesuffix("\r")
+
+    def read_message(self) -> str | None:
+        """The next message: one line, backslash-continued lines, or a paste-mode block; None at end of input."""
+        line = self.read_line("you> ")
+        if line is None:
+            return None
+        if line.strip() == PASTE:
+            lines = []
+            while (line := self.read_line("... ")) is not None and line.strip() != PASTE:
+                lines.append(line)
+            return "\n".join(lines)
+        lines = []
+        while line is not None and line.endswith("\\"):
+            lines.append(line[:-1])
+            line = self.read_line("... ")
+        return "\n".join([*lines, line or ""])
+
+    def command(self, text: str) -> bool:
+        """Run a slash command; False for /quit."""
+        name, _, arg = text.strip().partition(" ")
+        arg = arg.strip()
+        if name in ("/quit", "/exit"):
+            return False
+        if name == "/help":
+            self.write(HELP + "\n")
+        elif name == "/clear":
+            self.messages = []
+            self.notice("conversation cleared" + (" (the system prompt stays)" if self.system else ""))
+        elif name == "/system":
+            self.system = arg
+            self.notice(f"system prompt set: {arg}" if arg else "system prompt removed")
+        elif name == "/temp":
+            try:
+                value = float(arg)
+                if not 0 <= value < float("inf"):
+                    raise ValueError
+            except ValueError:
+                self.notice(f"/temp needs a number >= 0 (0 = greedy), not {arg!r}")
+            else:
+                self.temperature = value
+                self.notice(f"temperature {value:g}")
+        elif name == "/tools" and arg in ("on", "off"):
+            self.tools = arg == "on"
+            self.notice(f"tools {arg}")
+        else:
+            self.notice(f"unknown command {text.strip()!r}; /help lists the commands")
+        return True
+
+    def run(self) -> int:
+        while True:
+            try:
+                text = self.read_message()
+            except KeyboardInterrupt:
+                self.write("\n")
+                return 0
+            if text is None:
+                return 0
+            if not text.strip():
+                continue
+            if text.lstrip().startswith("/") and "\n" not in text.strip():
+                if not self.command(text):
+                    return 0
+                continue
+            self.write("assistant> " if self.stdin is sys.stdin and sys.stdin.isatty() else "")
+            self.reply(text)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the command
+
+
+def main(cfg: ChatStage, stdin: TextIO | None = None, stdout: TextIO | None = None,
+         stderr: TextIO | None = None) -> int:
+    """`chatsmith chat`: one-shot with --prompt (exit 0 after the reply), else an interactive session until /quit or
+    end of input. The streams default to the process's; tests pass their own."""
+    from .engine import Engine, SamplingParams
+
+    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    SamplingParams(max_tokens=cfg.chat.max_tokens, temperature=cfg.chat.temperature, top_k=cfg.chat.top_k,
+                   top_p=cfg.chat.top_p)  # bad sampling flags fail here, before the model loads
+    if cfg.chat.max_tool_calls < 0:
+        raise UserError(f"--max-tool-calls must be >= 0, not {cfg.chat.max_tool_calls}")
+    loaded = load_chat_model(cfg.load)
+    max_len = cfg.load.context or loaded.model.config.seq_len
+    engine = Engine(loaded.model, loaded.tokenizer, slots=1, max_len=max_len, autocast_dtype=loaded.autocast_dtype)
+    session = ChatSession(engine, loaded.tokenizer, cfg.chat, stdin, stdout, stderr)
+    if cfg.chat.prompt:
+        return 0 if session.reply(cfg.chat.prompt) else 1
+    kind = "chat model" if loaded.is_chat else "BASE model (not fine-tuned for chat)"
+    session.notice(f"run {loaded.run.name}, {kind} {loaded.checkpoint.name}, context {engine.max_len} tokens; "
+                   f"/help lists the commands")
+    return session.run()

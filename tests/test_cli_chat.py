@@ -1,0 +1,329 @@
+"""Terminal chat and the engine's tool-use loop.
+
+Tool loop (engine.chat) with a scripted model whose next tokens are keyed by the exact prompt it is given, so a
+round only continues when the conversation was rendered exactly as a hand-written reference (tool result included):
+a calculator call, a python call stuck in an infinite loop (its timeout text goes back as the tool turn), a
+malformed call and the call limit. The CLI (cli.main with injected streams) on a tiny random model saved as a run in
+a temporary CHATSMITH_HOME: the one-shot reply and every interactive reply equal greedy decoding of the reference
+conversation by the engine; /system, /temp, /clear, /help, /quit, backslash and paste-mode input; context overflow
+drops the oldest exchanges (the kept ones checked against brute force); missing runs give one sentence.
+
+    .venv/bin/pytest tests/test_cli_chat.py -q
+"""
+
+import io
+import itertools
+import json
+import random
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from chatsmith import checkpoint, config, tools
+from chatsmith.cli import HELP, NO_MODEL, ChatStage, fit_context, load_chat_model, main
+from chatsmith.common import UserError, run_dir
+from chatsmith.engine import Engine, SamplingParams, chat
+from chatsmith.model import GPT, KVCache, ModelConfig
+from chatsmith.tokenizer import Tokenizer
+
+TEXT = ("Hello there! What is 12*34? The answer is 408. Let me compute that with a tool call.\n"
+        "print(sum(range(10))) while True: pass\n我们今天学习语言模型。\n")
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.train([TEXT * 3] * 20, 300, show_progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the tool loop with a scripted model
+
+
+class PromptScriptedModel(torch.nn.Module):
+    """The engine's model interface with one-hot logits: after prompt P it emits scripts[P], then <|im_end|>.
+    A prompt without a script raises KeyError, so a test fails when a conversation is rendered differently."""
+
+    def __init__(self, vocab_size: int, scripts: dict[tuple, list[int]]):
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=vocab_size, seq_len=512)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.scripts, self.prompt_of = scripts, {}
+
+    def new_kv_cache(self, slots, max_len=None, dtype=None):
+        return KVCache(1, slots, 1, max_len or 512, 2)
+
+    def forward_cached(self, idx, cache, slots, last_only=False):
+        logits = torch.zeros(idx.size(0), 1, self.config.vocab_size)
+        for row, slot in enumerate(slots):
+            if cache.lengths[slot] == 0:
+                self.prompt_of[slot] = tuple(idx[row].tolist())
+            cache.lengths[slot] += idx.size(1)
+            script = self.scripts[self.prompt_of[slot]]
+            n = cache.lengths[slot] - len(self.prompt_of[slot])
+            logits[row, 0, script[n] if n < len(script) else 2] = 100.0
+        return logits
+
+
+def scripted_engine(tok, rounds: list[tuple[list[dict], str]]) -> Engine:
+    """rounds: (the conversation the model must be shown, what it then writes)."""
+    scripts = {tuple(tok.render_for_completion(msgs)): tok.encode(text) for msgs, text in rounds}
+    return Engine(PromptScriptedModel(tok.vocab_size, scripts), tok, slots=1, max_len=512)
+
+
+def call_text(name: str, arguments: dict) -> str:
+    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
+
+
+USER = [{"role": "system", "content": "Use tools."}, {"role": "user", "content": "What is 12*34+0.1?"}]
+
+
+def test_calculator_call_result_goes_back_and_generation_continues(tok):
+    call = {"name": "calculator", "arguments": {"expression": "12*34+0.1"}}
+    first = {"role": "assistant", "content": "Let me compute.", "tool_calls": [call]}
+    result = {"role": "tool", "content": "408.1"}  # the calculator is exact: 12*34+0.1 is 408.1, not 408.09999...
+    answer = {"role": "assistant", "content": "It is 408.1."}
+    engine = scripted_engine(tok, [
+        (USER, "Let me compute.\n" + call_text(**call) + " and text the engine must never reach"),
+        (USER + [first, result], "It is 408.1."),
+    ])
+    deltas, calls = [], []
+    reply = chat(engine, tok, USER, SamplingParams(temperature=0), on_delta=deltas.append,
+                 on_tool=lambda c, out: calls.append((c, out)))
+    assert reply.messages == [first, result, answer]
+    assert reply.finish_reason == "stop" and reply.tool_calls == 1
+    assert calls == [(call, "408.1")]
+    assert "".join(deltas) == "Let me compute.\nIt is 408.1."  # the call markup is never streamed
+    assert engine.num_free_slots == 1
+
+
+def test_python_infinite_loop_times_out_and_the_chat_goes_on(tok):
+    call = {"name": "python", "arguments": {"code": "while True:\n    pass"}}
+
+    def runner(name, arguments):  # the registry's python tool, with a short timeout
+        assert name == "python"
+        return tools.run_python(arguments["code"], timeout_s=0.5).format()
+
+    timeout_text = "[timed out after 0.5 s; the process was killed]"
+    engine = scripted_engine(tok, [
+        (USER, call_text(**call)),
+        (USER + [{"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": timeout_text}],
+         "The program did not finish."),
+    ])
+    reply = chat(engine, tok, USER, SamplingParams(temperature=0), run_tool=runner)
+    assert [m["role"] for m in reply.messages] == ["assistant", "tool", "assistant"]
+    assert reply.messages[1]["content"] == timeout_text
+    assert reply.messages[2]["content"] == "The program did not finish." and reply.finish_reason == "stop"
+
+
+def test_malformed_call_gets_an_error_turn_and_the_call_limit_ends_the_reply(tok):
+    bad = "Try.\n<tool_call>{\"name\": 7}</tool_call>"
+    call = {"name": "calculator", "arguments": {"expression": "1/0"}}
+    seen = []
+
+    def runner(name, arguments):
+        seen.append((name, arguments))
+        return tools.run_tool(name, arguments)
+
+    malformed = {"role": "assistant", "content": bad}  # kept verbatim: parse_assistant finds no call in it
+    probe = chat(scripted_engine(tok, [(USER, bad)]), tok, USER, SamplingParams(temperature=0), max_tool_calls=0)
+    assert probe.messages == [malformed] and probe.finish_reason == "tool_limit"
+    # round 1: a call that does not parse -> an error tool turn; round 2: a real call; round 3: over the limit
+    error = {"role": "tool", "content": 'error: the tool call is not valid; write <tool_call>{"name": "calculator", '
+                                       '"arguments": {"expression": "2+3"}}</tool_call>'}
+    second = {"role": "assistant", "content": "", "tool_calls": [call]}
+    division = {"role": "tool", "content": "error: division by zero"}
+    engine = scripted_engine(tok, [
+        (USER, bad),
+        (USER + [malformed, error], call_text(**call)),
+        (USER + [malformed, error, second, division], call_text(**call)),
+    ])
+    reply = chat(engine, tok, USER, SamplingParams(temperature=0), max_tool_calls=2, run_tool=runner)
+    assert reply.messages == [malformed, error, second, division, second]
+    assert reply.finish_reason == "tool_limit" and reply.tool_calls == 2
+    assert seen == [("calculator", {"expression": "1/0"})]  # the malformed call ran nothing
+
+
+def test_without_tools_a_call_is_plain_text(tok):
+    text = "See " + call_text("calculator", {"expression": "2"}) + " done"
+    engine = scripted_engine(tok, [(USER, text)])
+    deltas = []
+    reply = chat(engine, tok, USER, SamplingParams(temperature=0), tools=False, on_delta=deltas.append)
+    assert reply.messages == [{"role": "assistant", "content": text}] and "".join(deltas) == text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the CLI on a tiny random model saved as a run
+
+
+def save_run(tok: Tokenizer, name: str = "tiny", seq_len: int = 128, chat_dir: bool = True) -> ModelConfig:
+    cfg = ModelConfig(depth=1, n_embd=32, head_dim=16, seq_len=seq_len).resolve(tok.vocab_size)
+    model = GPT.build(cfg)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # random weights everywhere, so that greedy replies vary with the prompt
+        for p in model.parameters():
+            p.copy_(torch.rand(p.shape, generator=gen) + 0.5 if p.dim() == 1 else torch.randn(p.shape, generator=gen))
+    run = run_dir(name)
+    tok.save(run / "tokenizer")
+    root = run / "chat" / "checkpoints" if chat_dir else run / "checkpoints"
+    checkpoint.save(root, 5, model.state_dict(), meta={"config": {"model": asdict(cfg)}}, rng=False)
+    return cfg
+
+
+def stage(*flags: str) -> ChatStage:
+    return config.parse(ChatStage, list(flags), prog="chatsmith chat")
+
+
+def reference_reply(messages: list[dict], max_tokens: int, name: str = "tiny") -> str:
+    """Greedy decoding of the conversation by a fresh engine on the saved model."""
+    loaded = load_chat_model(stage("--run", name).load)
+    engine = Engine(loaded.model, loaded.tokenizer, slots=1)
+    return engine.generate(loaded.tokenizer.render_for_completion(messages),
+                           SamplingParams(max_tokens=max_tokens, temperature=0)).text
+
+
+def run_main(cfg: ChatStage, stdin_text: str = "") -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    rc = main(cfg, stdin=io.StringIO(stdin_text), stdout=out, stderr=err)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_one_shot_prints_the_greedy_reply(tok):
+    save_run(tok)
+    rc, out, err = run_main(stage("-p", "What is 12*34?", "--temperature", "0", "--max-tokens", "12"))
+    expected = reference_reply([{"role": "user", "content": "What is 12*34?"}], 12)
+    assert rc == 0 and expected.strip() and out == expected + "\n"
+    assert "error" not in err
+
+
+def test_interactive_session_commands_and_multiline_input(tok):
+    save_run(tok)
+    stdin = "\n".join([
+        "/system Be brief.",
+        "/temp 0",
+        "/temp hot",
+        "hello\\",  # continues on the next line
+        "there",
+        "/help",
+        "/clear",
+        '"""',  # paste mode
+        "print(1)",
+        "/not a command in paste mode",
+        '"""',
+        "/frobnicate",
+        "/quit",
+        "never read",
+    ]) + "\n"
+    rc, out, err = run_main(stage("--run", "tiny", "--max-tokens", "10"), stdin)
+    system = {"role": "system", "content": "Be brief."}
+    first = reference_reply([system, {"role": "user", "content": "hello\nthere"}], 10)
+    # after /clear the earlier exchange is gone: the reply only sees the system prompt and the pasted block
+    second = reference_reply([system, {"role": "user", "content": "print(1)\n/not a command in paste mode"}], 10)
+    assert first != second
+    assert rc == 0 and out == first + "\n" + HELP + "\n" + second + "\n"
+    for words in ("system prompt set: Be brief.", "temperature 0", "/temp needs a number", "conversation cleared",
+                  "unknown command '/frobnicate'", "context 128 tokens"):
+        assert words in err
+
+
+def test_end_of_input_ends_the_session_and_the_conversation_is_kept(tok):
+    save_run(tok)
+    rc, out, err = run_main(stage("--temperature", "0", "--max-tokens", "6"), "one\ntwo\n")
+    r1 = reference_reply([{"role": "user", "content": "one"}], 6)
+    r2 = reference_reply([{"role": "user", "content": "one"}, {"role": "assistant", "content": r1},
+                          {"role": "user", "content": "two"}], 6)
+    assert rc == 0 and out == r1 + "\n" + r2 + "\n"
+
+
+def test_fit_context_keeps_the_longest_suffix_of_exchanges_that_fits():
+    rng = random.Random(0)
+    for _ in range(300):
+        system = [{"role": "system", "content": "s" * rng.randint(0, 3)}][:rng.randint(0, 1)]
+        groups = [[{"role": "user", "content": "u" * rng.randint(1, 5)}]
+                  + [{"role": rng.choice(["assistant", "tool"]), "content": "a" * rng.randint(0, 5)}
+                     for _ in range(rng.randint(0, 3))] for _ in range(rng.randint(1, 6))]
+        messages = system + [m for g in groups for m in g]
+
+        def count(msgs):
+            return sum(len(m["content"]) + 1 for m in msgs)
+
+        limit = rng.randint(1, 40)
+        kept, dropped = fit_context(count, messages, limit)
+        fits = [k for k in range(len(groups)) if count(system + [m for g in groups[k:] for m in g]) <= limit]
+        best = min(fits) if fits else len(groups) - 1  # brute force: the first start that fits, else the last one
+        assert dropped == best and kept == system + [m for g in groups[best:] for m in g]
+
+
+def test_context_overflow_drops_oldest_exchanges_without_crashing(tok):
+    save_run(tok, seq_len=128)  # the tiny tokenizer spends ~40 tokens on each message: 2 exchanges fit at most
+    lines = [f"m{i}: What is 12*34?" for i in range(6)]
+    rc, out, err = run_main(stage("--system", "Use tools.", "--temperature", "0", "--max-tokens", "8"),
+                            "\n".join(lines) + "\n" + "x" * 400 + "\nlast\n")
+    assert rc == 0
+    assert "dropped the oldest" in err
+    assert "that message needs" in err  # the 400-char message alone does not fit: refused, the session goes on
+    assert out.count("\n") == 7  # one reply per message that fits: 6 + "last"
+    # the same session step by step: every prompt fits, and the kept exchanges are the newest ones
+    from chatsmith.cli import ChatSession
+
+    loaded = load_chat_model(stage().load)
+    engine = Engine(loaded.model, loaded.tokenizer, slots=1)
+    prompts = []
+    submit = engine.submit
+    engine.submit = lambda ids, params, **kw: prompts.append(len(ids)) or submit(ids, params, **kw)
+    session = ChatSession(engine, loaded.tokenizer, stage("--system", "Use tools.", "--temperature", "0",
+                                                          "--max-tokens", "8").chat,
+                          io.StringIO(), io.StringIO(), io.StringIO())
+    for line in lines:
+        assert session.reply(line)
+        assert session.messages[-2]["content"] == line  # the newest exchange is always kept
+    assert max(prompts) <= 128 - 8 and len(session.messages) < 2 * len(lines)
+    assert not session.reply("x" * 400) and session.messages[-2]["content"] == lines[-1]
+
+
+def test_missing_model_is_one_sentence(tok):
+    with pytest.raises(UserError) as e:
+        main(stage())
+    assert str(e.value) == NO_MODEL
+    run_dir("empty")
+    with pytest.raises(UserError, match="no chat model found; run `chatsmith speedrun` first"):
+        main(stage("--run", "empty"))
+    with pytest.raises(UserError, match="does not exist"):
+        main(stage("--run", "nope"))
+    with pytest.raises(UserError, match="temperature must be >= 0"):  # checked before looking for a model
+        main(stage("--temperature", "-1"))
+
+
+def test_session_shows_tool_calls_between_streamed_text(tok):
+    from chatsmith.cli import ChatSession
+
+    call = {"name": "calculator", "arguments": {"expression": "12*34+0.1"}}
+    first = {"role": "assistant", "content": "Let me compute.", "tool_calls": [call]}
+    engine = scripted_engine(tok, [(USER, "Let me compute.\n" + call_text(**call)),
+                                   (USER + [first, {"role": "tool", "content": "408.1"}], "It is 408.1.")])
+    out = io.StringIO()
+    session = ChatSession(engine, tok, stage("--system", "Use tools.").chat, io.StringIO(), out, io.StringIO())
+    assert session.reply("What is 12*34+0.1?")
+    assert out.getvalue() == 'Let me compute.\n\n[calculator {"expression": "12*34+0.1"} -> 408.1]\nIt is 408.1.\n'
+    assert session.messages[1:] == [first, {"role": "tool", "content": "408.1"},
+                                    {"role": "assistant", "content": "It is 408.1."}]
+
+
+def test_base_model_fallback_warns_and_checkpoint_flag_loads(tok, capsys):
+    save_run(tok, name="base", chat_dir=False)
+    loaded = load_chat_model(stage("--run", "base").load)
+    assert not loaded.is_chat and "base model" in capsys.readouterr().err
+    path = run_dir("base") / "checkpoints" / "step_000005"
+    by_path = load_chat_model(stage("--checkpoint", str(path)).load)
+    assert by_path.checkpoint == path and by_path.run == run_dir("base")
+    for a, b in itertools.zip_longest(loaded.model.state_dict().values(), by_path.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.get_num_threads() == 1  # --threads defaults to 1 for decoding
