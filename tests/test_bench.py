@@ -1,0 +1,104 @@
+"""bench decode: the JSON's fields and their arithmetic, greedy parity of the engine with HF transformers (and that
+the parity check does fail when the HF weights differ), the synthetic tokenizer, flags. Speed is never asserted.
+
+    .venv/bin/pytest tests/test_bench.py -q
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from chatsmith import bench, config
+from chatsmith.common import UserError
+from chatsmith.model import GPT
+from chatsmith.tokenizer import ALL_SPECIALS, N_SPECIAL
+
+TINY = dict(prompt_len=12, new_tokens=10, batch=3, warmup=1, repeats=2, depth=2, n_embd=64, head_dim=32,
+            vocab_size=512, threads=1)
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """decode_main sets torch's thread count for the process (it is a CLI stage); give it back after each test."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def run(capsys, **overrides) -> dict:
+    cfg = bench.DecodeBench(bench.DecodeBenchConfig(**{**TINY, "json": True, **overrides}))
+    result = bench.decode_main(cfg)
+    assert json.loads(capsys.readouterr().out) == result  # --json prints exactly the returned dict
+    return result
+
+
+def check_arithmetic(r: dict) -> None:
+    """Every rate and ratio follows from the reported times and counts."""
+    n = r["new_tokens"]
+    singles = ["chatsmith"] + (["hf_transformers"] if "hf_transformers_tok_s" in r else [])
+    for name in singles:
+        assert r[f"{name}_total_s"] > 0
+        assert 0 < r[f"{name}_ttft_s"] < r[f"{name}_total_s"]
+        assert math.isclose(r[f"{name}_tok_s"], n / r[f"{name}_total_s"])
+        assert r[f"{name}_decode_tok_s"] > 0
+    assert 0 < r["batch_last_ttft_s"] < r["batch_total_s"]
+    assert math.isclose(r["batch_tok_s"], r["batch"] * n / r["batch_total_s"])
+    assert math.isclose(r["batch_speedup_vs_single"], r["batch_tok_s"] / r["chatsmith_tok_s"])
+    if "hf_transformers_tok_s" in r:
+        assert math.isclose(r["speedup_vs_hf"], r["chatsmith_tok_s"] / r["hf_transformers_tok_s"])
+
+
+def test_decode_json_and_hf_parity(capsys):
+    pytest.importorskip("transformers", reason="the HF baseline of bench decode needs transformers")
+    r = run(capsys)
+    assert r["tokens_match"] is True and r["matching_prefix"] == TINY["new_tokens"]  # greedy == HF greedy
+    check_arithmetic(r)
+    mcfg = bench._decode_model_config(bench.DecodeBenchConfig(**TINY))
+    assert r["params"] == GPT.build(mcfg).num_params() and r["config"] == "bench-ref with overrides"
+    assert (r["prompt_len"], r["new_tokens"], r["batch"], r["repeats"], r["threads"]) == (12, 10, 3, 2, 1)
+    assert r["batch_prompt_lens"] == [6, 12, 18]  # 0.5x .. 1.5x the single prompt, evenly spread
+
+
+def test_parity_check_fails_when_weights_differ(capsys, monkeypatch):
+    """The tokens_match check can fail: HF gets a different output head, so its greedy tokens differ."""
+    pytest.importorskip("transformers", reason="the HF baseline of bench decode needs transformers")
+    original = GPT.to_hf_state_dict
+
+    def shuffled_head(self, include_tied: bool = True):
+        sd = dict(original(self, include_tied))
+        sd["lm_head.weight"] = sd["lm_head.weight"].roll(1, dims=0)  # token i's logit goes to token i + 1
+        return sd
+
+    monkeypatch.setattr(GPT, "to_hf_state_dict", shuffled_head)
+    r = run(capsys, repeats=1, warmup=0)
+    assert r["tokens_match"] is False and r["matching_prefix"] < TINY["new_tokens"]
+
+
+def test_decode_without_hf(capsys):
+    r = run(capsys, hf=False, batch=1, repeats=1)
+    assert not any(k.startswith("hf_") for k in r) and "tokens_match" not in r and "speedup_vs_hf" not in r
+    assert r["batch_prompt_lens"] == [TINY["prompt_len"]]
+    check_arithmetic(r)
+
+
+def test_bench_ref_is_the_default_model():
+    assert bench._decode_model_config(bench.DecodeBenchConfig()) == bench.bench_ref().resolve()
+
+
+def test_bench_tokenizer_covers_the_vocabulary():
+    tok = bench.bench_tokenizer(600)
+    assert tok.vocab_size == 600
+    assert [tok.special_id(s) for s in ALL_SPECIALS] == list(range(N_SPECIAL))
+    assert sorted(tok.id_bytes(N_SPECIAL + i) for i in range(256)) == [bytes([b]) for b in range(256)]  # every byte
+    assert all(len(tok.id_bytes(i)) == 2 for i in range(N_SPECIAL + 256, 600))  # then byte pairs
+    with pytest.raises(UserError):
+        bench.bench_tokenizer(100)
+
+
+def test_flags_and_errors():
+    cfg = config.parse(bench.DecodeBench, ["--new-tokens", "4", "--threads", "2", "--no-hf", "--json"])
+    assert (cfg.bench.new_tokens, cfg.bench.threads, cfg.bench.hf, cfg.bench.json) == (4, 2, False, True)
+    with pytest.raises(UserError, match="--new-tokens"):
+        bench.decode_main(bench.DecodeBench(bench.DecodeBenchConfig(**{**TINY, "new_tokens": 0})))
