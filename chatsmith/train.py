@@ -190,7 +190,10 @@ class Job:
     """What one training run needs; pretraining and SFT build one each and hand it to `fit`."""
 
     name: str  # "pretrain" or "sft": the progress label and the summary's log line
-    cfg: Any  # the stage config (run, optim, train sections; model resolved), saved in every checkpoint's meta
+    run: config.RunConfig
+    optim: config.OptimConfig
+    train: config.TrainConfig
+    saved_config: dict  # the resolved stage config, stored in every checkpoint's meta.json
     out: Path  # checkpoints/ and metrics.jsonl go here
     model: GPT
     loader: Any  # next_batch() -> (x, y); state_dict() / load_state_dict()
@@ -217,12 +220,12 @@ def prior_checkpoint(ckroot: Path, run_name: str, resume: bool, model_cfg: dict)
 
 def fit(job: Job) -> dict:
     """Train `job.model` for cfg.train.steps optimizer steps (continuing from job.resume); returns a summary."""
-    cfg, tc, model, loader = job.cfg, job.cfg.train, job.model, job.loader
+    tc, model, loader = job.train, job.model, job.loader
     mcfg = model.config
     ckroot = job.out / "checkpoints"
     device = next(model.parameters()).device.type
     dtype = autocast_dtype(device, tc.precision)
-    opt = build_optimizer(model, cfg.optim)
+    opt = build_optimizer(model, job.optim)
     ck = job.resume
     step = 0
     if ck is not None:
@@ -232,7 +235,7 @@ def fit(job: Job) -> dict:
         if ck.rng:
             checkpoint.restore_rng(ck.rng)
         step = ck.step
-        log(f"{job.name}: resuming run {cfg.run.run!r} from {ck.path.name} (step {step})")
+        log(f"{job.name}: resuming run {job.run.run!r} from {ck.path.name} (step {step})")
     step_model = torch.compile(model) if tc.compile else model
 
     rows_per_step = max(1, tc.batch_tokens // (tc.device_batch * mcfg.seq_len)) if tc.batch_tokens else 1
@@ -248,7 +251,7 @@ def fit(job: Job) -> dict:
     def save(at: int) -> None:
         checkpoint.save(ckroot, at, model.state_dict(), optimizer=opt.state_dict(),
                         state={"loader": loader.state_dict()},
-                        meta={"config": config.to_dict(cfg), "kind": job.name, "tokens": at * tokens_per_step},
+                        meta={"config": job.saved_config, "kind": job.name, "tokens": at * tokens_per_step},
                         keep_last=tc.keep_last)
 
     def validate(at: int) -> float:
@@ -257,7 +260,7 @@ def fit(job: Job) -> dict:
         return result["bpb"]
 
     def samples(at: int) -> None:
-        for prompt, text in job.samples(model, cfg.run.seed):
+        for prompt, text in job.samples(model, job.run.seed):
             metrics.write(kind="sample", step=at, prompt=prompt, text=text)
             log(f"  sample | {prompt} → {text!r}")
 
@@ -266,7 +269,7 @@ def fit(job: Job) -> dict:
     bar = progress(total=tc.steps, initial=step, desc=job.name, unit="step")
     with StopRequest() as stop, bar:  # the bar closes before any error message
         while step < tc.steps:
-            apply_schedules(opt, step, tc.steps, cfg.optim)
+            apply_schedules(opt, step, tc.steps, job.optim)
             t0 = time.perf_counter()
             loss_sum = 0.0
             for _ in range(rows_per_step):
@@ -305,20 +308,20 @@ def fit(job: Job) -> dict:
         samples(step)
     metrics.close()
     wall = time.perf_counter() - t_start
-    summary = {"run": cfg.run.run, "steps": step, "tokens": step * tokens_per_step, "val_bpb": last_bpb,
+    summary = {"run": job.run.run, "steps": step, "tokens": step * tokens_per_step, "val_bpb": last_bpb,
                "seconds": wall}
     log(f"{job.name} done: {json.dumps(summary)}")
     return summary
 
 
-def setup(cfg, stage: str) -> str:
+def setup(cfg, run: config.RunConfig, tc: config.TrainConfig, stage: str) -> str:
     """Device, threads, seed and the saved config of a training stage; returns the device type."""
-    device = device_type(cfg.train.device)
-    autocast_dtype(device, cfg.train.precision)  # a bad --precision fails here, before any work
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    seed_all(cfg.run.seed)
-    config.save(cfg, run_dir(cfg.run.run) / "config.json", stage)
+    device = device_type(tc.device)
+    autocast_dtype(device, tc.precision)  # a bad --precision fails here, before any work
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    seed_all(run.seed)
+    config.save(cfg, run_dir(run.run) / "config.json", stage)
     return device
 
 
@@ -337,13 +340,14 @@ def main(cfg: config.PretrainStage) -> dict:
         raise UserError(f"--model-vocab-size {mcfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
     cfg = dataclasses.replace(cfg, model=mcfg)
     ck = prior_checkpoint(run / "checkpoints", cfg.run.run, tc.resume, dataclasses.asdict(mcfg))
-    device = setup(cfg, "pretrain")
+    device = setup(cfg, cfg.run, tc, "pretrain")
 
     def samples(model: GPT, seed: int) -> list[tuple[str, str]]:
         return [(p, sample(model, tok, p, 32, device, seed=seed + i)) for i, p in enumerate(SAMPLE_PROMPTS)]
 
     return fit(Job(
-        name="pretrain", cfg=cfg, out=run, model=GPT.build(mcfg, device=device),
+        name="pretrain", run=cfg.run, optim=cfg.optim, train=tc, saved_config=config.to_dict(cfg), out=run,
+        model=GPT.build(mcfg, device=device),
         loader=PackingLoader(run / "shards" / "train", tc.device_batch, mcfg.seq_len),
         val_batches=lambda: iter_val_batches(run / "shards" / "val", tc.device_batch, mcfg.seq_len, tc.eval_tokens),
         samples=samples, token_bytes=tok.token_bytes(), resume=ck))
