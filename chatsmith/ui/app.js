@@ -1,0 +1,587 @@
+/* chatsmith web chat: the page `chatsmith serve` shows at / (open http://127.0.0.1:8000/ after starting it).
+ *
+ * Plain modern JS, no build step, no CDN. It talks only to the OpenAI-compatible API of the origin that served it:
+ * GET v1/models to fill the model list and POST v1/chat/completions with stream: true.
+ *
+ * Storage: conversations, settings and the theme live in the browser's localStorage, not on the server. Why: the
+ * server stays stateless (nothing to migrate, back up or secure, no accounts), the page works unchanged in front of
+ * any OpenAI-compatible server, and chats stay private to this browser. Export/Import (JSON) moves them elsewhere.
+ * The optional API key is kept there too, so use it only on a machine you trust.
+ *
+ * Safety: model output is untrusted. renderMarkdown() builds DOM nodes and sets text through text nodes only, plus
+ * a few fixed attributes (links: http/https only, rel=noopener noreferrer). Nothing here assigns HTML strings.
+ *
+ * Streaming: fetch + ReadableStream with the SSE lines parsed by hand (EventSource cannot POST). The TextDecoder runs
+ * in streaming mode so a Chinese character split across two network reads stays whole. Stop = AbortController.
+ * Enter sends, except while an IME is composing (event.isComposing; keyCode 229 for Safari's late keydown).
+ */
+"use strict";
+
+const KEYS = { convs: "chatsmith.conversations.v1", settings: "chatsmith.settings.v1", theme: "chatsmith.theme" };
+const DEFAULTS = Object.freeze({ system: "", model: "", temperature: "0.7", top_p: "1", max_tokens: "512", apiKey: "" });
+const ROLES = new Set(["system", "user", "assistant"]);
+
+// ---------------------------------------------------------------- small DOM helpers (no HTML strings anywhere)
+
+function el(tag, children = [], attrs = {}) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  node.append(...children); // strings become text nodes
+  return node;
+}
+
+function button(label, onClick, cls = "btn small") {
+  const b = el("button", [label], { type: "button", class: cls });
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+async function copyText(text, btn) {
+  try {
+    await navigator.clipboard.writeText(text);
+  } catch { // clipboard API needs a secure context; plain http on a LAN address falls back to execCommand
+    const area = el("textarea", [], { style: "position:fixed;opacity:0" });
+    area.value = text;
+    document.body.append(area);
+    area.select();
+    document.execCommand("copy");
+    area.remove();
+  }
+  const old = btn.textContent;
+  btn.textContent = "Copied";
+  setTimeout(() => { btn.textContent = old; }, 1200);
+}
+
+// ---------------------------------------------------------------- markdown: a small, safe subset
+
+const LIST_RE = /^\s*([-*+]|\d{1,9}[.)])\s+(.*)$/;
+const FENCE_RE = /^\s*(`{3,}|~{3,})\s*([\w+#.-]*)/;
+const INLINE_RE = new RegExp([
+  /(`+)([^`]|[^`][\s\S]*?[^`])\1(?!`)/.source, // 1,2: `code`
+  /\[([^\]\n]+)\]\(([^()\s]+)\)/.source, // 3,4: [text](url)
+  /\*\*(?=\S)([\s\S]*?\S)\*\*/.source, // 5: **bold**
+  /(?<![\p{L}\p{N}_])__(?=\S)([\s\S]*?\S)__(?![\p{L}\p{N}_])/.source, // 6: __bold__ (not inside words)
+  /\*(?=[^\s*])([^*]*?[^\s*])\*/.source, // 7: *italic*
+  /(?<![\p{L}\p{N}_])_(?=[^\s_])([^_]*?[^\s_])_(?![\p{L}\p{N}_])/.source, // 8: _italic_
+  /(https?:\/\/[^\s<>()，。！？；：、（）「」]*[^\s<>().,;:!?'"，。！？；：、（）「」])/.source, // 9: bare URL
+].join("|"), "gu");
+
+function isBlockStart(line) {
+  return FENCE_RE.test(line) || LIST_RE.test(line) || /^\s*(#{1,6}\s|>)/.test(line);
+}
+
+function renderMarkdown(src) {
+  const frag = document.createDocumentFragment();
+  const lines = src.replace(/\r\n?/g, "\n").split("\n");
+  let i = 0;
+  while (i < lines.length) {
+    const line = lines[i];
+    const fence = line.match(FENCE_RE);
+    if (fence) { // an unclosed fence (reply still streaming) runs to the end of the text
+      const code = [];
+      for (i++; i < lines.length && !lines[i].trim().startsWith(fence[1]); i++) code.push(lines[i]);
+      i++;
+      frag.append(codeBlock(code.join("\n"), fence[2]));
+    } else if (!line.trim()) {
+      i++;
+    } else if (/^\s*#{1,6}\s/.test(line)) {
+      const [, hashes, text] = line.match(/^\s*(#{1,6})\s+(.*)$/);
+      frag.append(el(`h${Math.min(hashes.length + 2, 6)}`, inline(text)));
+      i++;
+    } else if (/^\s*>/.test(line)) {
+      const quoted = [];
+      for (; i < lines.length && /^\s*>/.test(lines[i]); i++) quoted.push(lines[i].replace(/^\s*>\s?/, ""));
+      frag.append(el("blockquote", [renderMarkdown(quoted.join("\n"))]));
+    } else if (LIST_RE.test(line)) {
+      const ordered = /\d/.test(line.match(LIST_RE)[1]);
+      const list = el(ordered ? "ol" : "ul");
+      if (ordered) list.start = parseInt(line.match(LIST_RE)[1], 10);
+      while (i < lines.length) {
+        const m = lines[i].match(LIST_RE);
+        if (m && /\d/.test(m[1]) === ordered) list.append(el("li", inline(m[2])));
+        else if (lines[i].trim() && /^\s{2,}/.test(lines[i]) && !FENCE_RE.test(lines[i])) {
+          list.lastChild.append(el("br"), ...inline(lines[i].trim())); // indented continuation or nested item
+        } else break;
+        i++;
+      }
+      frag.append(list);
+    } else {
+      const p = el("p");
+      for (let first = true; i < lines.length && lines[i].trim() && (first || !isBlockStart(lines[i])); i++) {
+        if (!first) p.append(el("br"));
+        p.append(...inline(lines[i]));
+        first = false;
+      }
+      frag.append(p);
+    }
+  }
+  return frag;
+}
+
+function inline(text) {
+  const out = [];
+  let last = 0;
+  for (const m of text.matchAll(INLINE_RE)) {
+    if (m.index > last) out.push(text.slice(last, m.index));
+    last = m.index + m[0].length;
+    if (m[1]) out.push(el("code", [m[2]]));
+    else if (m[3] !== undefined) out.push(safeLink(m[4], inline(m[3]), m[0]));
+    else if (m[5] !== undefined || m[6] !== undefined) out.push(el("strong", inline(m[5] ?? m[6])));
+    else if (m[7] !== undefined || m[8] !== undefined) out.push(el("em", inline(m[7] ?? m[8])));
+    else out.push(safeLink(m[9], [m[9]], m[9]));
+  }
+  if (last < text.length) out.push(text.slice(last));
+  return out;
+}
+
+function safeLink(url, children, raw) {
+  let parsed;
+  try { parsed = new URL(url); } catch { return raw; }
+  if (parsed.protocol !== "http:" && parsed.protocol !== "https:") return raw; // javascript:, data: … stay text
+  return el("a", children, { href: parsed.href, target: "_blank", rel: "noopener noreferrer" });
+}
+
+function codeBlock(code, lang) {
+  const copy = button("Copy", () => copyText(code, copy), "btn small ghost");
+  return el("div", [
+    el("div", [el("span", [lang || "code"]), copy], { class: "code-head" }),
+    el("pre", [el("code", [code])]),
+  ], { class: "code" });
+}
+
+// ---------------------------------------------------------------- storage
+
+function loadJSON(key, fallback) {
+  try { return JSON.parse(localStorage.getItem(key)) ?? fallback; } catch { return fallback; }
+}
+
+function validConversation(c) {
+  return c && typeof c === "object" && Array.isArray(c.messages) &&
+    c.messages.every((m) => m && ROLES.has(m.role) && typeof m.content === "string");
+}
+
+function normalize(c) { // a stored or imported conversation, with only the fields the app knows
+  return {
+    id: typeof c.id === "string" && c.id ? c.id : newId(),
+    title: typeof c.title === "string" && c.title ? c.title : titleFrom(c.messages[0]?.content ?? ""),
+    messages: c.messages.map((m) => ({ role: m.role, content: m.content, ...(m.note ? { note: String(m.note) } : {}) })),
+    updated: Number(c.updated) || Date.now(),
+  };
+}
+
+function newId() {
+  return Date.now().toString(36) + Math.random().toString(36).slice(2, 8);
+}
+
+function titleFrom(text) {
+  const t = text.replace(/\s+/g, " ").trim();
+  return t.length > 48 ? t.slice(0, 47) + "…" : t || "New chat";
+}
+
+// ---------------------------------------------------------------- SSE streaming client
+
+async function errorMessage(res) {
+  const text = await res.text().catch(() => "");
+  let msg = "";
+  try {
+    const body = JSON.parse(text);
+    msg = body?.error?.message ?? body?.detail ?? "";
+    if (typeof msg !== "string") msg = JSON.stringify(msg);
+  } catch { msg = text.slice(0, 300); }
+  const hint = res.status === 401 ? " Set the API key in Settings." : "";
+  const detail = (msg || res.statusText || "no details").trim().replace(/\.$/, "");
+  return `Server error ${res.status}: ${detail}.${hint}`;
+}
+
+async function* streamChat(url, headers, body, signal) {
+  let res;
+  try {
+    res = await fetch(url, { method: "POST", headers, body: JSON.stringify(body), signal });
+  } catch (err) {
+    if (err.name === "AbortError") throw err;
+    throw new Error(`Cannot reach the server at ${new URL(url).origin}. Is \`chatsmith serve\` running?`);
+  }
+  if (!res.ok) throw new Error(await errorMessage(res));
+  const reader = res.body.getReader();
+  const decoder = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    let chunk;
+    try {
+      chunk = await reader.read();
+    } catch (err) {
+      if (err.name === "AbortError") throw err;
+      throw new Error("The connection to the server broke off in the middle of the reply.");
+    }
+    if (chunk.done) return;
+    buf += decoder.decode(chunk.value, { stream: true });
+    let nl;
+    while ((nl = buf.indexOf("\n")) >= 0) {
+      const line = buf.slice(0, nl).replace(/\r$/, "");
+      buf = buf.slice(nl + 1);
+      if (!line.startsWith("data:")) continue; // blank separators, ": keep-alive" comments, other fields
+      const data = line.slice(5).trim();
+      if (data === "[DONE]") return;
+      let event;
+      try { event = JSON.parse(data); } catch { continue; }
+      if (event.error) throw new Error(`Server error: ${event.error.message ?? JSON.stringify(event.error)}`);
+      const choice = event.choices?.[0];
+      if (choice) yield { content: choice.delta?.content ?? "", finish: choice.finish_reason ?? null };
+    }
+  }
+}
+
+// ---------------------------------------------------------------- the app
+
+function main() {
+  const $ = (id) => document.getElementById(id);
+  const ui = {
+    list: $("conv-list"), messages: $("messages"), input: $("input"), send: $("send"), stop: $("stop"),
+    title: $("title"), badge: $("model-badge"), notice: $("notice"), noticeText: $("notice-text"),
+    dialog: $("settings"), form: $("settings-form"),
+  };
+  const darkQuery = window.matchMedia("(prefers-color-scheme: dark)");
+  const state = {
+    convs: [loadJSON(KEYS.convs, [])].flat().filter(validConversation).map(normalize),
+    settings: { ...DEFAULTS, ...loadJSON(KEYS.settings, {}) },
+    currentId: null, // null = a new chat, stored on its first message
+    abort: null, // AbortController of the running generation
+  };
+  const api = (path) => new URL(path, document.baseURI).href; // relative: works behind a path prefix too
+
+  const current = () => state.convs.find((c) => c.id === state.currentId) ?? null;
+  const headers = () => ({
+    "Content-Type": "application/json",
+    ...(state.settings.apiKey ? { Authorization: `Bearer ${state.settings.apiKey}` } : {}),
+  });
+
+  function persist() {
+    try {
+      localStorage.setItem(KEYS.convs, JSON.stringify(state.convs));
+    } catch {
+      notify("Browser storage is full: export your conversations, then delete old ones.");
+    }
+  }
+
+  function notify(text, kind = "error") {
+    ui.noticeText.textContent = text;
+    ui.notice.className = kind;
+    ui.notice.hidden = false;
+  }
+
+  // ---- theme: follows prefers-color-scheme until the toggle is used, then remembered
+  function applyTheme() {
+    const stored = localStorage.getItem(KEYS.theme);
+    const dark = stored ? stored === "dark" : darkQuery.matches;
+    document.documentElement.dataset.theme = dark ? "dark" : "light";
+  }
+
+  // ---- sidebar
+  function renderSidebar() {
+    const items = [...state.convs].sort((a, b) => b.updated - a.updated).map((c) => {
+      const open = button(c.title, () => select(c.id), "conv-title");
+      open.title = c.title;
+      const rename = button("✎", () => startRename(li, c), "icon-btn rename");
+      const del = button("×", () => remove(c), "icon-btn delete");
+      rename.setAttribute("aria-label", `Rename ${c.title}`);
+      del.setAttribute("aria-label", `Delete ${c.title}`);
+      const li = el("li", [open, rename, del], { class: c.id === state.currentId ? "conv active" : "conv" });
+      return li;
+    });
+    ui.list.replaceChildren(...items);
+  }
+
+  function startRename(li, conv) {
+    const field = el("input", [], { class: "rename-field", "aria-label": "Conversation name" });
+    field.value = conv.title;
+    let done = false;
+    const finish = (save) => {
+      if (done) return;
+      done = true;
+      if (save && field.value.trim()) {
+        conv.title = field.value.trim().slice(0, 100);
+        persist();
+      }
+      renderAll();
+    };
+    field.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && !e.isComposing && e.keyCode !== 229) finish(true);
+      if (e.key === "Escape") finish(false);
+    });
+    field.addEventListener("blur", () => finish(true));
+    li.replaceChildren(field);
+    field.focus();
+    field.select();
+  }
+
+  function remove(conv) {
+    if (!window.confirm(`Delete “${conv.title}”?`)) return;
+    if (state.abort && state.abort.conv === conv) state.abort.abort();
+    state.convs = state.convs.filter((c) => c !== conv);
+    if (state.currentId === conv.id) state.currentId = null;
+    persist();
+    renderAll();
+  }
+
+  function select(id) {
+    state.currentId = id;
+    document.body.classList.remove("side-open");
+    renderAll();
+    ui.input.focus();
+  }
+
+  // ---- messages
+  function renderMessages() {
+    const conv = current();
+    if (!conv || !conv.messages.length) {
+      const model = state.settings.model || "the server's model";
+      ui.messages.replaceChildren(el("div", [
+        el("h2", ["What can I help with?"]),
+        el("p", [`Replies stream from ${model}. Conversations stay in this browser.`]),
+      ], { class: "empty" }));
+      return;
+    }
+    ui.messages.replaceChildren(...conv.messages.map((m, i) => messageView(conv, m, i)));
+    ui.messages.scrollTop = ui.messages.scrollHeight;
+  }
+
+  function messageView(conv, m, index) {
+    const body = el("div", [], { class: "body" });
+    if (m.role === "assistant") body.append(renderMarkdown(m.content));
+    else body.textContent = m.content;
+    const isLast = index === conv.messages.length - 1;
+    const copy = button("Copy", () => copyText(m.content, copy));
+    const actions = el("div", [copy], { class: "actions" });
+    if (m.role === "user") actions.append(button("Edit", () => startEdit(view, conv, index)));
+    if (isLast && m.role === "assistant") actions.append(button("Regenerate", () => regenerate(conv)));
+    if (isLast && m.role === "user") actions.append(button("Retry", () => regenerate(conv)));
+    const view = el("div", [body], { class: `msg ${m.role}` });
+    if (m.note) view.append(el("div", [m.note], { class: "note" }));
+    view.append(actions);
+    return view;
+  }
+
+  function startEdit(view, conv, index) {
+    if (state.abort) return;
+    const area = el("textarea", [], { class: "edit", "aria-label": "Edit message" });
+    area.value = conv.messages[index].content;
+    const save = () => {
+      const text = area.value.trim();
+      if (!text) return;
+      conv.messages.splice(index); // drops this message and everything after it
+      conv.messages.push({ role: "user", content: text });
+      if (index === 0) conv.title = titleFrom(text);
+      generate(conv);
+    };
+    area.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && !e.shiftKey && !e.isComposing && e.keyCode !== 229) { e.preventDefault(); save(); }
+      if (e.key === "Escape") renderMessages();
+    });
+    view.replaceChildren(area, el("div", [
+      button("Save & send", save, "btn small primary"), button("Cancel", renderMessages),
+    ], { class: "actions" }));
+    view.classList.add("editing");
+    area.focus();
+  }
+
+  function regenerate(conv) {
+    if (state.abort) return;
+    if (conv.messages.at(-1)?.role === "assistant") conv.messages.pop();
+    generate(conv);
+  }
+
+  function renderAll() {
+    const conv = current();
+    ui.title.textContent = conv ? conv.title : "New chat";
+    document.title = conv ? `${conv.title} · chatsmith` : "chatsmith";
+    ui.badge.textContent = state.settings.model;
+    renderSidebar();
+    renderMessages();
+  }
+
+  function setBusy(busy) {
+    ui.send.hidden = busy;
+    ui.stop.hidden = !busy;
+    document.body.classList.toggle("busy", busy);
+  }
+
+  // ---- generation
+  function requestBody(conv) {
+    const s = state.settings;
+    const num = (v) => (v === "" || v == null || !Number.isFinite(Number(v)) ? undefined : Number(v));
+    const messages = conv.messages.map((m) => ({ role: m.role, content: m.content }));
+    if (s.system.trim()) messages.unshift({ role: "system", content: s.system });
+    return {
+      model: s.model || undefined, messages, stream: true,
+      temperature: num(s.temperature), top_p: num(s.top_p), max_tokens: num(s.max_tokens),
+    }; // JSON.stringify drops the undefined fields, so the server applies its defaults
+  }
+
+  async function generate(conv) {
+    ui.notice.hidden = true;
+    const body = requestBody(conv);
+    const reply = { role: "assistant", content: "" };
+    conv.messages.push(reply);
+    conv.updated = Date.now();
+    persist();
+    renderAll();
+    const view = ui.messages.lastElementChild;
+    view.classList.add("streaming");
+    const target = view.querySelector(".body");
+    let timer = null;
+    const paint = () => {
+      timer = null;
+      if (!view.isConnected) return; // the user switched conversations; the reply is still collected
+      const stick = ui.messages.scrollHeight - ui.messages.scrollTop - ui.messages.clientHeight < 80;
+      target.replaceChildren(renderMarkdown(reply.content));
+      if (stick) ui.messages.scrollTop = ui.messages.scrollHeight;
+    };
+    const ctrl = new AbortController();
+    ctrl.conv = conv;
+    state.abort = ctrl;
+    setBusy(true);
+    try {
+      for await (const { content, finish } of streamChat(api("v1/chat/completions"), headers(), body, ctrl.signal)) {
+        reply.content += content;
+        if (finish === "length") reply.note = "Cut off at the max tokens limit (see Settings).";
+        timer ??= setTimeout(paint, 30);
+      }
+    } catch (err) {
+      if (err.name === "AbortError") reply.note = "Stopped.";
+      else notify(err.message);
+    } finally {
+      clearTimeout(timer);
+      if (!reply.content) conv.messages.splice(conv.messages.indexOf(reply), 1); // nothing arrived: keep no bubble
+      state.abort = null;
+      setBusy(false);
+      persist();
+      renderAll();
+    }
+  }
+
+  function send() {
+    const text = ui.input.value.trim();
+    if (!text || state.abort) return;
+    let conv = current();
+    if (!conv) {
+      conv = { id: newId(), title: titleFrom(text), messages: [], updated: Date.now() };
+      state.convs.push(conv);
+      state.currentId = conv.id;
+    }
+    conv.messages.push({ role: "user", content: text });
+    ui.input.value = "";
+    autosize();
+    generate(conv);
+  }
+
+  function autosize() {
+    ui.input.style.height = "auto";
+    ui.input.style.height = `${Math.min(ui.input.scrollHeight, 220)}px`;
+  }
+
+  // ---- settings and models
+  function fillSettingsForm() {
+    for (const [k, v] of Object.entries(state.settings)) {
+      if (ui.form.elements[k]) ui.form.elements[k].value = v;
+    }
+  }
+
+  async function loadModels() {
+    const select = ui.form.elements.model;
+    try {
+      let res;
+      try {
+        res = await fetch(api("v1/models"), { headers: headers() });
+      } catch {
+        throw new Error(`Cannot reach the server at ${location.origin}. Is \`chatsmith serve\` running?`);
+      }
+      if (!res.ok) throw new Error(await errorMessage(res));
+      const ids = ((await res.json()).data ?? []).map((m) => String(m.id));
+      select.replaceChildren(...ids.map((id) => el("option", [id], { value: id })));
+      if (!ids.includes(state.settings.model)) state.settings.model = ids[0] ?? "";
+      select.value = state.settings.model;
+      renderAll();
+    } catch (err) {
+      notify(`Could not list models. ${err.message}`);
+    }
+  }
+
+  function saveSettings() {
+    localStorage.setItem(KEYS.settings, JSON.stringify(state.settings));
+    ui.badge.textContent = state.settings.model;
+  }
+
+  // ---- import / export
+  function exportAll() {
+    const data = { format: "chatsmith-conversations", version: 1, conversations: state.convs };
+    const blob = new Blob([JSON.stringify(data, null, 2)], { type: "application/json" });
+    const link = el("a", [], { href: URL.createObjectURL(blob), download: "chatsmith-conversations.json" });
+    link.click();
+    setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+  }
+
+  async function importFile(file) {
+    let data;
+    try { data = JSON.parse(await file.text()); } catch {
+      notify(`${file.name} is not JSON: choose a file made by Export.`);
+      return;
+    }
+    const list = Array.isArray(data) ? data : data?.conversations;
+    const good = Array.isArray(list) ? list.filter(validConversation) : [];
+    if (!good.length) {
+      notify(`${file.name} holds no conversations: choose a file made by Export.`);
+      return;
+    }
+    for (const conv of good.map(normalize)) {
+      state.convs = state.convs.filter((x) => x.id !== conv.id).concat(conv); // same id: the import replaces it
+    }
+    persist();
+    renderAll();
+    notify(`Imported ${good.length} conversation${good.length > 1 ? "s" : ""}.`, "info");
+  }
+
+  // ---- wiring
+  $("composer").addEventListener("submit", (e) => { e.preventDefault(); send(); });
+  ui.input.addEventListener("input", autosize);
+  ui.input.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing && e.keyCode !== 229) { e.preventDefault(); send(); }
+  });
+  ui.stop.addEventListener("click", () => state.abort?.abort());
+  $("new-chat").addEventListener("click", () => select(null));
+  $("menu").addEventListener("click", () => document.body.classList.toggle("side-open"));
+  $("scrim").addEventListener("click", () => document.body.classList.remove("side-open"));
+  $("notice-close").addEventListener("click", () => { ui.notice.hidden = true; });
+  $("export").addEventListener("click", exportAll);
+  $("import").addEventListener("change", (e) => {
+    if (e.target.files[0]) importFile(e.target.files[0]);
+    e.target.value = "";
+  });
+  $("theme").addEventListener("click", () => {
+    localStorage.setItem(KEYS.theme, document.documentElement.dataset.theme === "dark" ? "light" : "dark");
+    applyTheme();
+  });
+  darkQuery.addEventListener("change", applyTheme);
+  let keyAtOpen = ""; // the model list is fetched again when the API key changed
+  $("open-settings").addEventListener("click", () => {
+    keyAtOpen = state.settings.apiKey;
+    fillSettingsForm();
+    ui.dialog.showModal();
+  });
+  ui.dialog.addEventListener("close", () => { if (state.settings.apiKey !== keyAtOpen) loadModels(); });
+  ui.form.addEventListener("input", (e) => {
+    if (e.target.name in DEFAULTS) state.settings[e.target.name] = e.target.value;
+    saveSettings();
+  });
+  $("reset-settings").addEventListener("click", () => {
+    state.settings = { ...DEFAULTS, model: state.settings.model, apiKey: state.settings.apiKey };
+    fillSettingsForm();
+    saveSettings();
+  });
+
+  applyTheme();
+  renderAll();
+  loadModels();
+  ui.input.focus();
+}
+
+main();
