@@ -21,7 +21,7 @@ prompt leaves room for `min(--max-tokens, context / 4)` tokens of reply; the sys
 notice says how many were dropped. A message too long on its own is refused with a notice; nothing here crashes.
 
 Threads: decoding a small model is a chain of tiny matmuls, and on a busy 2-core machine a second intra-op thread
-mostly waits. Measured (bench-ref shape: 4 layers, width 256, vocab 8192, fp32; 2-core EPYC shared with a training
+mostly waits. Measured (bench-ref shape: 4 layers, width 256, vocab 8192, fp32; 2-core Xeon shared with a training
 run; one request, 60-token prompt, 64 sampled tokens, median of 3 interleaved runs): 196 tok/s on 1 thread against
 28 tok/s on 2. So `--threads` defaults to 1; raise it for big models or long prompts on an idle machine.
 """
@@ -68,6 +68,8 @@ class ChatConfig:
     temperature: float = opt(0.6, "sampling temperature; 0 = greedy")
     top_k: int = opt(50, "sample from the k most likely tokens; 0 = off")
     top_p: float = opt(0.95, "nucleus sampling mass; 1 = off")
+    repetition_penalty: float = opt(1.1, "penalise tokens already in the conversation by this factor (llama.cpp's "
+                                         "and Ollama's default; small models loop without it); 1 = off")
     max_tokens: int = opt(512, "most tokens per reply (per round when tools are called)")
     seed: int = opt(-1, "sampling seed (each reply adds its number); -1 = random")
     tools: bool = opt(True, "let the model call the calculator and python tools")
@@ -227,7 +229,7 @@ class ChatSession:
         self.messages = kept[1:] if self.system else kept
         seed = None if self.cfg.seed < 0 else self.cfg.seed + self.replies
         params = SamplingParams(max_tokens=self.cfg.max_tokens, temperature=self.temperature, top_k=self.cfg.top_k,
-                                top_p=self.cfg.top_p, seed=seed)
+                                top_p=self.cfg.top_p, repetition_penalty=self.cfg.repetition_penalty, seed=seed)
         self.replies += 1
         try:
             result = chat(self.engine, self.tokenizer, kept, params, tools=self.tools, on_delta=self.write,
@@ -345,7 +347,7 @@ def main(cfg: ChatStage, stdin: TextIO | None = None, stdout: TextIO | None = No
 
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     SamplingParams(max_tokens=cfg.chat.max_tokens, temperature=cfg.chat.temperature, top_k=cfg.chat.top_k,
-                   top_p=cfg.chat.top_p)  # bad sampling flags fail here, before the model loads
+                   top_p=cfg.chat.top_p, repetition_penalty=cfg.chat.repetition_penalty)  # bad flags fail early
     if cfg.chat.max_tool_calls < 0:
         raise UserError(f"--max-tool-calls must be >= 0, not {cfg.chat.max_tool_calls}")
     loaded = load_chat_model(cfg.load)

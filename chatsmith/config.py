@@ -197,7 +197,7 @@ def preset_cpu() -> dict[str, dict[str, Any]]:
         "tokenizer": {"vocab_size": 8192, "train_chars": 60_000_000},
         "model": {"depth": 4, "aspect": 64, "head_dim": 64, "seq_len": 512},
         "train": {"steps": 1000, "device_batch": 8, "eval_every": 100, "eval_tokens": 65536, "ckpt_every": 200},
-        "sft_train": {"steps": 300, "device_batch": 8, "eval_every": 50, "eval_tokens": 32768, "ckpt_every": 100},
+        "sft_train": {"steps": 600, "device_batch": 8, "eval_every": 100, "eval_tokens": 32768, "ckpt_every": 200},
     }
 
 

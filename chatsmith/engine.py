@@ -494,6 +494,7 @@ class ChatReply:
     prompt_tokens: int  # of the last round
     completion_tokens: int  # over all rounds
     tool_calls: int
+    stop_reason: str | int | None = None  # the stop token id or stop string that ended the last round
 
 
 def chat(engine: Engine, tokenizer: Tokenizer, messages: Sequence[dict], params: SamplingParams | None = None,
@@ -541,7 +542,7 @@ def chat(engine: Engine, tokenizer: Tokenizer, messages: Sequence[dict], params:
         new.append(message)
         history.append(message)
         if not is_call or (not parsed["tool_calls"] and TOOL_CALL_OPEN not in text):  # an answer (or a stray tag)
-            return ChatReply(new, result.finish_reason, len(prompt), completion, calls)
+            return ChatReply(new, result.finish_reason, len(prompt), completion, calls, result.stop_reason)
         if calls >= max_tool_calls:
             return ChatReply(new, FINISH_TOOL_LIMIT, len(prompt), completion, calls)
         if parsed["tool_calls"]:

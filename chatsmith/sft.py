@@ -8,9 +8,9 @@ SFT split, chatterbot in English and Chinese, identity, arithmetic with calculat
 rendered by the one chat template (`Tokenizer.render_conversation`, loss on assistant content and its `<|im_end|>`),
 packed whole into rows (never cut; the rest of a row is padding). It starts from the latest base checkpoint in
 `checkpoints/` and writes `chat/checkpoints/` and `chat/metrics.jsonl`. Validation is bits per byte and loss on the
-assistant tokens of held-out conversations. At the end, `chat_checks` generates replies to held-out prompts and
-measures how often a reply ends with `<|im_end|>` and how often a Chinese prompt gets a Chinese reply
-(`chat/chat_checks.json`).
+assistant tokens of held-out conversations. At the end, `chat_checks` answers held-out prompts the way `chatsmith
+chat` would (its default sampling, tools run) and measures how often a reply ends with `<|im_end|>` and how often a
+Chinese prompt gets a mostly Chinese answer (`chat/chat_checks.json`).
 
 Learning rates: SFT continues from weights whose schedule ended at zero, with a quarter of the pretraining rates
 decayed linearly to zero over the SFT steps (`sft_optim`).
@@ -21,11 +21,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import unicodedata
 
 import torch
 
 from . import checkpoint, config
-from .common import UserError, atomic_write_json, log, run_dir
+from .common import UserError, atomic_write_json, log, progress, run_dir
 from .config import SFTStage
 from .data import chat
 from .model import GPT, ModelConfig
@@ -36,10 +37,11 @@ SAMPLE_PROMPTS = ("Who are you?", "你是谁？", "What is 17 * 23?", "“画蛇
 
 
 def han_fraction(text: str) -> float:
-    """Share of the non-space characters of `text` that are CJK ideographs."""
-    chars = [c for c in text if not c.isspace()]
-    han = sum(1 for c in chars if "\u4e00" <= c <= "\u9fff" or "\u3400" <= c <= "\u4dbf")
-    return han / max(1, len(chars))
+    """Share of the letters of `text` (Unicode category L*: words, not digits, spaces or punctuation) that are CJK
+    ideographs: "结果是 632。" is all Chinese, "It is 632." none."""
+    letters = [c for c in text if unicodedata.category(c).startswith("L")]
+    han = sum(1 for c in letters if "\u4e00" <= c <= "\u9fff" or "\u3400" <= c <= "\u4dbf")
+    return han / max(1, len(letters))
 
 
 def check_prompts(conversations: list[list[dict]], n: int, n_zh: int) -> list[str]:
@@ -67,33 +69,34 @@ def base_model(run, run_name: str) -> tuple[ModelConfig, checkpoint.Checkpoint]:
 
 
 @torch.no_grad()
-def chat_checks(model: GPT, tok: Tokenizer, prompts: list[str], max_tokens: int, device: str) -> dict:
-    """Greedy replies to single-turn `prompts` through the batching engine: how many end with <|im_end|> (not cut by
-    `max_tokens`), and for the prompts that are mostly Chinese, how many replies are >= 50 % han characters."""
-    from .engine import Engine, SamplingParams
+def chat_checks(model: GPT, tok: Tokenizer, prompts: list[str], max_tokens: int, device: str, seed: int) -> dict:
+    """Replies to single-turn `prompts` as `chatsmith chat` gives them (its default sampling, seeded per prompt, tool
+    calls run): how many end with <|im_end|> (not cut by `max_tokens`), and for the prompts that are mostly Chinese,
+    how many answers (the last assistant turn, after any tool call) are >= 50 % han characters."""
+    from .cli import ChatConfig
+    from .engine import Engine, SamplingParams, chat
 
     was_training = model.training
     model.eval()
-    engine = Engine(model, tok, slots=8)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    requests = []
-    for p in prompts:
-        ids = tok.render_for_completion([{"role": "user", "content": p}])
-        room = model.config.seq_len - len(ids)
-        if room < 1:
-            continue
-        requests.append((p, engine.submit(ids, dataclasses.replace(params, max_tokens=min(max_tokens, room)))))
-    while engine.has_work():
-        engine.step()
-    model.train(was_training)
-    rows = [(p, r.result()) for p, r in requests]
+    engine = Engine(model, tok, slots=1)
+    defaults = ChatConfig()
     im_end = tok.special_id("<|im_end|>")
-    ended = sum(res.stop_reason == im_end for _, res in rows)
-    zh = [(p, res) for p, res in rows if han_fraction(p) >= 0.5]
-    zh_ok = sum(han_fraction(res.text) >= 0.5 for _, res in zh)
+    rows = []
+    for i, p in enumerate(progress(prompts, desc="chat checks", unit="prompt")):
+        params = SamplingParams(max_tokens=max_tokens, temperature=defaults.temperature, top_k=defaults.top_k,
+                                top_p=defaults.top_p, repetition_penalty=defaults.repetition_penalty, seed=seed + i)
+        reply = chat(engine, tok, [{"role": "user", "content": p}], params, tools=True)
+        answer = reply.messages[-1]["content"] if reply.messages else ""
+        rows.append((p, answer, reply.stop_reason == im_end, reply.tool_calls))
+    model.train(was_training)
+    ended = sum(r[2] for r in rows)
+    zh = [r for r in rows if han_fraction(r[0]) >= 0.5]
+    zh_ok = sum(han_fraction(r[1]) >= 0.5 for r in zh)
     return {"prompts": len(rows), "ended_with_im_end": ended, "ended_frac": ended / max(1, len(rows)),
             "zh_prompts": len(zh), "zh_replies_mostly_han": zh_ok, "zh_frac": zh_ok / max(1, len(zh)),
-            "examples": [{"prompt": p, "reply": res.text, "finish": res.finish_reason} for p, res in rows[:12]]}
+            "sampling": {"temperature": defaults.temperature, "top_k": defaults.top_k, "top_p": defaults.top_p,
+                         "repetition_penalty": defaults.repetition_penalty, "max_tokens": max_tokens, "seed": seed},
+            "examples": [{"prompt": p, "reply": a, "ended": e, "tool_calls": t} for p, a, e, t in rows[:40]]}
 
 
 def main(cfg: SFTStage) -> dict:
@@ -143,7 +146,7 @@ def main(cfg: SFTStage) -> dict:
         more = dataclasses.replace(cfg.sft, val_convs=max(cfg.sft.val_convs, cc.check_prompts))
         prompts = check_prompts(chat.build_conversations(more, "val", cfg.run.seed), cc.check_prompts,
                                 cc.check_zh_prompts)
-        checks = chat_checks(model, tok, prompts, cc.check_max_tokens, device)
+        checks = chat_checks(model, tok, prompts, cc.check_max_tokens, device, cfg.run.seed)
         atomic_write_json(checks_path, checks)
         log(f"sft: {checks['ended_with_im_end']}/{checks['prompts']} held-out replies end with <|im_end|>; "
             f"{checks['zh_replies_mostly_han']}/{checks['zh_prompts']} Chinese prompts got a mostly-Chinese reply")

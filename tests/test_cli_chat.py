@@ -179,7 +179,9 @@ def save_run(tok: Tokenizer, name: str = "tiny", seq_len: int = 128, chat_dir: b
 
 
 def stage(*flags: str) -> ChatStage:
-    return config.parse(ChatStage, list(flags), prog="chatsmith chat")
+    """The chat stage with no repetition penalty (unless given), so replies compare with plain greedy decoding."""
+    pen = () if "--repetition-penalty" in flags else ("--repetition-penalty", "1")
+    return config.parse(ChatStage, [*pen, *flags], prog="chatsmith chat")
 
 
 def reference_reply(messages: list[dict], max_tokens: int, name: str = "tiny") -> str:
@@ -202,6 +204,20 @@ def test_one_shot_prints_the_greedy_reply(tok):
     expected = reference_reply([{"role": "user", "content": "What is 12*34?"}], 12)
     assert rc == 0 and expected.strip() and out == expected + "\n"
     assert "error" not in err
+
+
+def test_repetition_penalty_reaches_the_engine(tok):
+    save_run(tok)
+    assert config.parse(ChatStage, []).chat.repetition_penalty == 1.1  # the default, as llama.cpp and Ollama
+    cfg = config.parse(ChatStage, ["-p", "What is 12*34?", "--temperature", "0", "--max-tokens", "40",
+                                   "--repetition-penalty", "3"])
+    rc, out, _ = run_main(cfg)
+    loaded = load_chat_model(stage("--run", "tiny").load)
+    prompt = loaded.tokenizer.render_for_completion([{"role": "user", "content": "What is 12*34?"}])
+    with_penalty = Engine(loaded.model, loaded.tokenizer, slots=1).generate(
+        prompt, SamplingParams(max_tokens=40, temperature=0, repetition_penalty=3.0)).text
+    assert rc == 0 and out == with_penalty + "\n"
+    assert with_penalty != reference_reply([{"role": "user", "content": "What is 12*34?"}], 40)  # it changes tokens
 
 
 def test_interactive_session_commands_and_multiline_input(tok):
