@@ -16,6 +16,8 @@ How it is shaped:
   handler submits its sequences with an `on_event` callback that hands each event to the loop with
   `call_soon_threadsafe` into the request's asyncio.Queue. The only model work on another thread is the logprobs
   re-scoring (below), in a one-worker executor.
+- Both POST endpoints share one path (body -> Job -> Generation -> JSON reply or SSE chunks); they differ only in
+  how the prompt is built and how a choice is shaped.
 - Admission: at most `slots + max_queue` sequences in flight (n counts n times); beyond that 429, with
   `x-should-retry: false` when the request alone exceeds the limit (retrying cannot help).
 - Deadline: `--timeout` seconds per request from arrival, queueing included; then its sequences are cancelled and
@@ -37,8 +39,10 @@ How it is shaped:
   top-p and penalties (what vLLM returns by default); they equal the sampling distribution only at temperature 1
   without filters or penalties. A stop token (`<|im_end|>`) at the end gets no entry. When streaming, all logprobs
   come with the last chunk of each choice.
-- Validation is by hand (not pydantic), so every bad value is a 400 with an OpenAI error body and `param` set;
-  JSON NaN/Infinity are refused. Unknown keys are ignored (as vLLM does).
+- Validation: pydantic models in strict mode (no coercion: "1" and true are not numbers; null means "not given")
+  over a body we read ourselves (size limit; JSON NaN/Infinity refused). Every bad value is a 400 with an OpenAI
+  error body whose `param` names the field and whose message says what it expects. Unknown keys are ignored (as
+  vLLM does).
 """
 
 
@@ -51,10 +55,12 @@ import os
 import secrets
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .cli import LoadConfig, load_chat_model
 from .common import UserError, log
@@ -100,27 +106,21 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# metrics
-
-
 class Metrics:
-    """Counters for /metrics; touched from the event loop only (plus gauges read from the engine)."""
+    """What /metrics shows; touched from the event loop only (the engine's gauges are read at render time)."""
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, int], int] = {}
+        self.requests: Counter[tuple[str, int]] = Counter()  # (endpoint, status) -> count
+        self.cancelled: Counter[str] = Counter()  # reason -> sequences
         self.prompt_tokens = self.completion_tokens = 0
-        self.cancelled: dict[str, int] = {}
         self.ttft_counts = [0] * (len(TTFT_BUCKETS) + 1)
         self.ttft_sum = 0.0
         self.recent: deque[tuple[float, int]] = deque()  # (time, tokens) over the last `window` seconds
         self.window = 10.0
 
-    def request(self, endpoint: str, status: int) -> None:
-        self.requests[endpoint, status] = self.requests.get((endpoint, status), 0) + 1
-
     def tokens(self, n: int) -> None:
         now = time.monotonic()
+        self.completion_tokens += n
         self.recent.append((now, n))
         while self.recent and self.recent[0][0] < now - self.window:
             self.recent.popleft()
@@ -129,176 +129,146 @@ class Metrics:
         self.ttft_sum += seconds
         self.ttft_counts[next((i for i, b in enumerate(TTFT_BUCKETS) if seconds <= b), len(TTFT_BUCKETS))] += 1
 
-    def cancel(self, reason: str, n: int = 1) -> None:
-        self.cancelled[reason] = self.cancelled.get(reason, 0) + n
-
     def render(self, waiting: int, live: int, in_flight: int) -> str:
         now = time.monotonic()
         rate = sum(n for t, n in self.recent if t >= now - self.window) / self.window
-        lines = ["# HELP chatsmith_requests_total HTTP requests by endpoint and status code.",
-                 "# TYPE chatsmith_requests_total counter"]
-        lines += [f'chatsmith_requests_total{{endpoint="{e}",status="{s}"}} {n}'
-                  for (e, s), n in sorted(self.requests.items())]
-        lines += ["# TYPE chatsmith_prompt_tokens_total counter", f"chatsmith_prompt_tokens_total {self.prompt_tokens}",
-                  "# TYPE chatsmith_completion_tokens_total counter",
-                  f"chatsmith_completion_tokens_total {self.completion_tokens}",
-                  "# HELP chatsmith_queue_depth sequences waiting for a KV-cache slot.",
-                  "# TYPE chatsmith_queue_depth gauge", f"chatsmith_queue_depth {waiting}",
-                  "# TYPE chatsmith_live_sequences gauge", f"chatsmith_live_sequences {live}",
-                  "# TYPE chatsmith_in_flight_sequences gauge", f"chatsmith_in_flight_sequences {in_flight}",
-                  "# HELP chatsmith_tokens_per_second completion tokens per second over the last 10 s.",
-                  "# TYPE chatsmith_tokens_per_second gauge", f"chatsmith_tokens_per_second {rate:.3f}",
-                  "# HELP chatsmith_cancelled_total sequences cancelled, by reason (disconnect, timeout).",
-                  "# TYPE chatsmith_cancelled_total counter"]
-        lines += [f'chatsmith_cancelled_total{{reason="{r}"}} {n}' for r, n in sorted(self.cancelled.items())]
-        lines += ["# HELP chatsmith_time_to_first_token_seconds from arrival to the first token of each sequence.",
-                  "# TYPE chatsmith_time_to_first_token_seconds histogram"]
-        total = 0
+        buckets, total = [], 0
         for bound, count in zip((*TTFT_BUCKETS, "+Inf"), self.ttft_counts):
             total += count
-            lines.append(f'chatsmith_time_to_first_token_seconds_bucket{{le="{bound}"}} {total}')
-        lines += [f"chatsmith_time_to_first_token_seconds_sum {self.ttft_sum:.6f}",
-                  f"chatsmith_time_to_first_token_seconds_count {total}"]
+            buckets.append((f'_bucket{{le="{bound}"}}', total))
+        families = [  # (name, type, help, [(suffix and labels, value)])
+            ("requests_total", "counter", "HTTP requests by endpoint and status code.",
+             [(f'{{endpoint="{e}",status="{s}"}}', n) for (e, s), n in sorted(self.requests.items())]),
+            ("prompt_tokens_total", "counter", "prompt tokens admitted.", [("", self.prompt_tokens)]),
+            ("completion_tokens_total", "counter", "tokens generated.", [("", self.completion_tokens)]),
+            ("queue_depth", "gauge", "sequences waiting for a KV-cache slot.", [("", waiting)]),
+            ("live_sequences", "gauge", "sequences holding a KV-cache slot.", [("", live)]),
+            ("in_flight_sequences", "gauge", "sequences admitted and not yet released.", [("", in_flight)]),
+            ("tokens_per_second", "gauge", f"completion tokens per second over the last {self.window:g} s.",
+             [("", f"{rate:.3f}")]),
+            ("cancelled_total", "counter", "sequences cancelled, by reason (disconnect, timeout).",
+             [(f'{{reason="{r}"}}', n) for r, n in sorted(self.cancelled.items())]),
+            ("time_to_first_token_seconds", "histogram", "from arrival to the first token of each sequence.",
+             [*buckets, ("_sum", f"{self.ttft_sum:.6f}"), ("_count", total)]),
+        ]
+        lines = []
+        for name, kind, help, samples in families:
+            lines += [f"# HELP chatsmith_{name} {help}", f"# TYPE chatsmith_{name} {kind}"]
+            lines += [f"chatsmith_{name}{suffix} {value}" for suffix, value in samples]
         return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# request validation (by hand: every bad value is a 400 naming its param)
+# request bodies: a field's description is what a 400 says it expects
+
+
+def _range(kind: type, lo: float, hi: float) -> Any:
+    return Annotated[kind, Field(ge=lo, le=hi)]
+
+
+NonEmpty = Annotated[str, Field(min_length=1)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True)  # no coercion: "1" or true is not a number; unknown keys are ignored
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:  # as in the OpenAI API, a null field takes its default
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class _TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class _Message(_Body):
+    role: Literal[tuple(ROLES)]
+    content: str | list[_TextPart] | None = None
+    tool_calls: Any = None  # checked by the chat template (ConversationError)
+
+    def turn(self) -> dict:
+        """The chat template's {role, content, tool_calls}: developer becomes system, text parts are joined."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return {"role": ROLES[self.role], "content": text} | ({"tool_calls": self.tool_calls} if self.tool_calls
+                                                             else {})
+
+
+class _Function(_Body):
+    name: str
+
+
+class _Tool(_Body):  # also a named tool_choice
+    type: Literal["function"] = "function"
+    function: _Function
+
+
+class _Format(_Body):
+    type: Literal["text", "json_object"]
+
+
+class _StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class Sampling(_Body):
+    """The fields both endpoints share; max_tokens None = not given."""
+    model: Any = None
+    max_tokens: _range(int, 1, 2**62) | None = None
+    temperature: _range(float, 0, 2) = 1.0
+    top_p: _range(float, 0, 1) = 1.0
+    top_k: _range(int, -1, 2**31) = 0  # -1 (vLLM's "off") = 0
+    min_p: _range(float, 0, 1) = 0.0
+    presence_penalty: _range(float, -2, 2) = 0.0
+    frequency_penalty: _range(float, -2, 2) = 0.0
+    repetition_penalty: _range(float, 0.01, 100) = 1.0
+    seed: _range(int, -2**63, 2**64 - 1) | None = None
+    stop: NonEmpty | Annotated[list[NonEmpty], Field(max_length=4)] = Field(
+        (), description="a non-empty string or a list of at most 4 non-empty strings")
+    n: _range(int, 1, MAX_N) = 1
+    stream: bool = False
+    stream_options: _StreamOptions | None = Field(None, description='an object like {"include_usage": true}')
+    logit_bias: Annotated[dict, Field(max_length=0)] | None = Field(None, description="absent: not supported")
+
+
+class ChatRequest(Sampling):
+    messages: Annotated[list[_Message], Field(min_length=1)] = Field(
+        description='a non-empty list of {"role": ..., "content": ...} objects; role one of '
+                    f'{", ".join(ROLES)}; content a string, a list of {{"type": "text", "text": ...}} parts or null')
+    max_completion_tokens: _range(int, 1, 2**62) | None = None
+    tools: list[_Tool] | None = Field(None, description='a list of {"type": "function", "function": {"name": ...}}')
+    tool_choice: Literal["none", "auto", "required"] | _Tool = Field(
+        "auto", description='"none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
+    response_format: _Format | None = Field(None, description='{"type": "text"} or {"type": "json_object"}')
+    logprobs: bool = False
+    top_logprobs: _range(int, 0, 20) = 0
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[int] | list[str | list[int]] = Field(
+        description=f"a string, a list of up to {MAX_N} strings, or token ids (lists of integers)")
+    suffix: None = Field(None, description="absent: not supported by this server")
+    best_of: int | None = None
+    logprobs: _range(int, 0, 20) | None = None
+    echo: bool = False
 
 
 def _bad(param: str, message: str) -> APIError:
     return APIError(400, message, param=param, code="invalid_value")
 
 
-def _number(body: dict, name: str, default: float | None, lo: float, hi: float) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-        raise _bad(name, f"{name} must be a number in [{lo:g}, {hi:g}], not {json.dumps(value)[:40]}")
-    return float(value)
-
-
-def _integer(body: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise _bad(name, f"{name} must be an integer in [{lo}, {hi}], not {json.dumps(value)[:40]}")
-    return value
-
-
-def _boolean(body: dict, name: str, default: bool = False) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise _bad(name, f"{name} must be true or false, not {json.dumps(value)[:40]}")
-    return value
-
-
-def _stop(body: dict) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
-        raise _bad("stop", "stop must be a non-empty string or a list of at most 4 non-empty strings")
-    return tuple(stops)
-
-
-@dataclass
-class Sampling:
-    """The sampling fields shared by both endpoints, validated; max_tokens None = not given."""
-    max_tokens: int | None
-    temperature: float
-    top_p: float
-    top_k: int
-    min_p: float
-    presence_penalty: float
-    frequency_penalty: float
-    repetition_penalty: float
-    seed: int | None
-    stop: tuple[str, ...]
-    n: int
-    stream: bool
-    include_usage: bool
-
-
-def parse_sampling(body: dict, max_tokens_names: tuple[str, ...]) -> Sampling:
-    max_tokens = None
-    for name in max_tokens_names:
-        if body.get(name) is not None:
-            max_tokens = _integer(body, name, None, 1, 2**62)
-    stream = _boolean(body, "stream")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise _bad("stream_options", "stream_options must be an object like {\"include_usage\": true}")
-    include_usage = _boolean(options or {}, "include_usage")
-    if options and not stream:
-        raise _bad("stream_options", "stream_options is only allowed when stream is true")
-    if body.get("logit_bias") not in (None, {}):
-        raise _bad("logit_bias", "logit_bias is not supported by this server")
-    return Sampling(max_tokens, _number(body, "temperature", 1.0, 0, 2), _number(body, "top_p", 1.0, 0, 1),
-                    max(0, _integer(body, "top_k", 0, -1, 2**31)), _number(body, "min_p", 0.0, 0, 1),
-                    _number(body, "presence_penalty", 0.0, -2, 2), _number(body, "frequency_penalty", 0.0, -2, 2),
-                    _number(body, "repetition_penalty", 1.0, 0.01, 100),
-                    _integer(body, "seed", None, -2**63, 2**64 - 1),
-                    _stop(body), _integer(body, "n", 1, 1, MAX_N), stream, include_usage)
-
-
-def _content_text(content: Any, where: str) -> str | None:
-    """A message's content: a string, null, or a list of text parts."""
-    if content is None or isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise _bad("messages", f"{where}.content: only text parts are supported "
-                                       f"({{\"type\": \"text\", \"text\": ...}})")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise _bad("messages", f"{where}.content must be a string, a list of text parts or null")
-
-
-def parse_messages(messages: Any) -> list[dict]:
-    """OpenAI messages -> the chat template's {role, content, tool_calls} (developer becomes system)."""
-    if not isinstance(messages, list) or not messages:
-        raise _bad("messages", "messages must be a non-empty list of {\"role\": ..., \"content\": ...} objects")
-    out = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise _bad("messages", f"{where} must be an object whose role is one of {', '.join(ROLES)}")
-        message = {"role": ROLES[m["role"]], "content": _content_text(m.get("content"), where) or ""}
-        if m.get("tool_calls"):
-            message["tool_calls"] = m["tool_calls"]  # checked by the chat template (ConversationError)
-        out.append(message)
-    return out
-
-
-def parse_tools(body: dict) -> bool:
-    """True when tool calls in the output are to be mapped to `tool_calls`."""
-    tools, choice = body.get("tools"), body.get("tool_choice")
-    if tools is not None:
-        if not isinstance(tools, list) or not all(
-                isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(t.get("function"), dict)
-                and isinstance(t["function"].get("name"), str) for t in tools):
-            raise _bad("tools", "tools must be a list of {\"type\": \"function\", \"function\": {\"name\": ...}}")
-    if choice is not None and choice not in ("none", "auto", "required") and not (
-            isinstance(choice, dict) and isinstance(choice.get("function"), dict)
-            and isinstance(choice["function"].get("name"), str)):
-        raise _bad("tool_choice", "tool_choice must be \"none\", \"auto\", \"required\" or "
-                                  "{\"type\": \"function\", \"function\": {\"name\": ...}}")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") in ("text", "json_object")):
-        raise _bad("response_format", "response_format must be {\"type\": \"text\"} or {\"type\": \"json_object\"}")
-    return bool(tools) and choice != "none"
+def _invalid(e: ValidationError, schema: type[BaseModel]) -> APIError:
+    """The first invalid field as a 400 (its name and list index, no paths): pydantic's reason and what it expects."""
+    loc = e.errors(include_url=False)[0]["loc"]
+    param, field = str(loc[0]), schema.model_fields.get(str(loc[0]))
+    expected = f"; {param} must be {field.description}" if field and field.description else ""
+    where = param + "".join(f"[{x}]" for x in loc[1:] if isinstance(x, int))
+    return _bad(param, f"invalid {where}: {e.errors(include_url=False)[0]['msg']}{expected}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the server state: engine thread, admission, the bridge from engine events to asyncio
+# the server state (engine thread, admission count) and one request's generation: validated prompts -> choices
 
 
 class Server:
@@ -344,31 +314,6 @@ class Server:
     def ready(self) -> bool:
         return self.engine is not None and self.error is None
 
-    def submit(self, prompts: list[list[int]], params: list, queue: asyncio.Queue) -> list:
-        """Submit one sequence per (prompt, params); each event arrives in `queue` as (index, Event)."""
-        loop = asyncio.get_running_loop()
-        requests = []
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            def on_event(event, i=i):
-                with contextlib.suppress(RuntimeError):  # a closed loop must not kill this thread
-                    loop.call_soon_threadsafe(queue.put_nowait, (i, event))
-            request = self.engine.submit(prompt, p, on_event=on_event)
-            self._pending[request.id] = (loop, queue)
-            requests.append(request)
-        self.in_flight += len(requests)
-        return requests
-
-    def release(self, requests: list, reason: str | None) -> None:
-        """The handler is done with `requests`: cancel what still runs (counted under `reason`)."""
-        running = [r for r in requests if not r.done]
-        for r in running:
-            r.cancel()
-        if running and reason:
-            self.metrics.cancel(reason, len(running))
-        for r in requests:
-            self._pending.pop(r.id, None)
-        self.in_flight -= len(requests)
-
     def score(self, ids: list[int], start: int, top: int) -> list[tuple[float, list[tuple[int, float]]]]:
         """(logprob of ids[t], top-`top` (id, logprob)) for t >= start, from one forward over `ids` (blocking)."""
         import torch
@@ -384,98 +329,79 @@ class Server:
                 for t, c in enumerate(chosen)]
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# one generation: validated prompts -> events -> choices
-
-
 @dataclass
 class Job:
-    """A validated request: n sequences per prompt, and how to present them."""
-    kind: str  # "chat" or "text"
+    """A validated request: n sequences per prompt (prompts and echo repeated n times), and how to present them."""
+    chat: bool
+    req: Sampling
     prompts: list[list[int]]
-    sampling: Sampling
     params: list  # SamplingParams per sequence
     tools: bool
-    logprobs: bool
-    top_logprobs: int
-    echo: list[str] | None = None  # completions: prompt text per sequence when echo
+    top_logprobs: int | None  # None = no logprobs
+    echo: list[str] | None  # completions: prompt text per sequence when echo
 
 
-def build_job(server: Server, body: dict, kind: str) -> Job:
+def build_job(server: Server, body: dict, chat: bool) -> Job:
+    """Validate a POST body into prompts and SamplingParams; every problem is an APIError."""
     from .engine import SamplingParams
     from .tokenizer import TOOL_CALL_CLOSE, ConversationError
 
-    tok, max_len = server.tokenizer, server.engine.max_len
-    model = body.get("model")
-    if model is not None and model != server.model_id:
-        raise APIError(404, f"The model {str(model)[:80]!r} does not exist; this server serves {server.model_id!r}",
-                       param="model", code="model_not_found")
-    tools = False
-    if kind == "chat":
-        sampling = parse_sampling(body, ("max_tokens", "max_completion_tokens"))
-        messages = parse_messages(body.get("messages"))
-        tools = parse_tools(body)
+    tok, max_len, schema = server.tokenizer, server.engine.max_len, ChatRequest if chat else CompletionRequest
+    try:
+        req = schema.model_validate(body)
+    except ValidationError as e:
+        raise _invalid(e, schema) from None
+    if req.model is not None and req.model != server.model_id:
+        raise APIError(404, f"The model {str(req.model)[:80]!r} does not exist; this server serves "
+                            f"{server.model_id!r}", param="model", code="model_not_found")
+    if req.stream_options is not None and not req.stream:
+        raise _bad("stream_options", "stream_options is only allowed when stream is true")
+    tools, echo, max_tokens = False, None, req.max_tokens
+    if chat:
         try:
-            prompts = [tok.render_for_completion(messages)]
+            prompts = [tok.render_for_completion([m.turn() for m in req.messages])]
         except ConversationError as e:
             raise _bad("messages", str(e)) from None
-        logprobs = _boolean(body, "logprobs")
-        top = _integer(body, "top_logprobs", 0, 0, 20)
-        if top and not logprobs:
+        if req.top_logprobs and not req.logprobs:
             raise _bad("top_logprobs", "top_logprobs needs logprobs: true")
-        echo = None
+        max_tokens = req.max_completion_tokens or max_tokens
+        tools, top = bool(req.tools) and req.tool_choice != "none", req.top_logprobs if req.logprobs else None
     else:
-        sampling = parse_sampling(body, ("max_tokens",))
-        if sampling.max_tokens is None:
-            sampling.max_tokens = 16  # the OpenAI default for completions
-        prompt = body.get("prompt")
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            prompt = [prompt]
-        ok = isinstance(prompt, list) and 0 < len(prompt) <= MAX_N and all(
-            isinstance(p, str) or (isinstance(p, list) and p and all(
-                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < tok.vocab_size for t in p))
-            for p in prompt)
-        if not ok:
+        prompt = req.prompt
+        prompt = [prompt] if isinstance(prompt, str) or prompt and isinstance(prompt[0], int) else prompt
+        if not 0 < len(prompt) <= MAX_N or not all(isinstance(p, str) or p and all(0 <= t < tok.vocab_size for t in p)
+                                                   for p in prompt):
             raise _bad("prompt", f"prompt must be a string, a list of up to {MAX_N} strings, or token ids "
                                  f"(lists of integers in [0, {tok.vocab_size - 1}])")
         prompts = [tok.encode(p, bos=True) if isinstance(p, str) else list(p) for p in prompt]
-        if body.get("suffix") is not None:
-            raise _bad("suffix", "suffix is not supported by this server")
-        if body.get("best_of") not in (None, sampling.n):
+        if req.best_of not in (None, req.n):
             raise _bad("best_of", "best_of is not supported (only equal to n)")
-        top = _integer(body, "logprobs", None, 0, 20)
-        logprobs, top = top is not None, top or 0
-        echo = [tok.decode(p[1:] if p[:1] == [tok.bos_id] else p) for p in prompts] if _boolean(body, "echo") else None
-    if len(prompts) * sampling.n > MAX_N:
+        max_tokens, top = max_tokens or 16, req.logprobs  # 16: the OpenAI default for completions
+        if req.echo:
+            echo = [tok.decode(p[1:] if p[:1] == [tok.bos_id] else p) for p in prompts for _ in range(req.n)]
+    if len(prompts) * req.n > MAX_N:
         raise _bad("n", f"prompts x n must be at most {MAX_N}")
     longest = max(len(p) for p in prompts)
-    if sampling.max_tokens is None:
+    if max_tokens is None:
         if longest >= max_len:
             raise APIError(400, f"This model's maximum context length is {max_len} tokens, but the messages take "
                                 f"{longest}; shorten them", param="messages", code="context_length_exceeded")
-        sampling.max_tokens = min(server.cfg.max_tokens, max_len - longest)
-    if longest + sampling.max_tokens > max_len:
+        max_tokens = min(server.cfg.max_tokens, max_len - longest)
+    if longest + max_tokens > max_len:
         raise APIError(400, f"This model's maximum context length is {max_len} tokens; the prompt has {longest} "
-                            f"tokens and max_tokens asks for {sampling.max_tokens} more "
-                            f"({longest + sampling.max_tokens} in all); shorten the prompt or lower max_tokens",
-                       param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
-    stop = (*sampling.stop, TOOL_CALL_CLOSE) if tools else sampling.stop
-    params = []
-    for j in range(sampling.n):
-        seed = None if sampling.seed is None else (sampling.seed + j) % 2**64
-        try:
-            params.append(SamplingParams(
-                max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p or 1e-9,
-                top_k=sampling.top_k, min_p=sampling.min_p, presence_penalty=sampling.presence_penalty,
-                frequency_penalty=sampling.frequency_penalty, repetition_penalty=sampling.repetition_penalty,
-                seed=seed, stop=stop))
-        except UserError as e:
-            raise _bad("sampling", str(e)) from None
-    all_prompts = [p for p in prompts for _ in range(sampling.n)]
-    return Job(kind, all_prompts, sampling, params * len(prompts), tools, logprobs, top,
-               None if echo is None else [e for e in echo for _ in range(sampling.n)])
+                            f"tokens and max_tokens asks for {max_tokens} more ({longest + max_tokens} in all); "
+                            f"shorten the prompt or lower max_tokens", param="messages" if chat else "prompt",
+                       code="context_length_exceeded")
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
+    try:
+        params = [SamplingParams(
+            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p or 1e-9, top_k=max(0, req.top_k),
+            min_p=req.min_p, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty, seed=None if req.seed is None else (req.seed + j) % 2**64,
+            stop=(*stop, TOOL_CALL_CLOSE) if tools else stop) for j in range(req.n)]
+    except UserError as e:
+        raise _bad("sampling", str(e)) from None
+    return Job(chat, req, [p for p in prompts for _ in range(req.n)], params * len(prompts), tools, top, echo)
 
 
 class Choice:
@@ -485,10 +411,9 @@ class Choice:
         from .engine import StopStrings
         from .tokenizer import TOOL_CALL_OPEN
 
-        self.tools, self.raw, self.shown, self.tokens = tools, "", 0, []
+        self.tools, self.raw, self.shown = tools, "", 0
         self.hold = StopStrings((TOOL_CALL_OPEN,)) if tools else None
         self.finish_reason: str | None = None
-        self.stop_reason = None
         self.tool_calls: list[dict] = []
         self.first_at: float | None = None
 
@@ -507,7 +432,7 @@ class Choice:
         """At the end: map a tool call, return the remaining text to show."""
         from .tokenizer import TOOL_CALL_CLOSE, parse_assistant
 
-        self.finish_reason, self.stop_reason = request.finish_reason, request.stop_reason
+        self.finish_reason = request.finish_reason
         if self.tools and request.stop_reason == TOOL_CALL_CLOSE:
             parsed = parse_assistant(self.raw + TOOL_CALL_CLOSE)
             if parsed["tool_calls"]:
@@ -529,7 +454,7 @@ class Choice:
 
 
 class Generation:
-    """The sequences of one HTTP request in flight: submit, iterate events until the deadline, release."""
+    """The sequences of one HTTP request in flight: admit, iterate events until the deadline, release."""
 
     def __init__(self, server: Server, job: Job, arrived: float):
         self.server, self.job, self.arrived = server, job, arrived
@@ -540,6 +465,7 @@ class Generation:
         self.released = False
 
     def admit(self) -> None:
+        """Submit one engine sequence per prompt, or refuse with 429; each event arrives in `queue` as (i, Event)."""
         s, cfg = self.server, self.server.cfg
         n, capacity = len(self.job.prompts), cfg.slots + cfg.max_queue
         if n > capacity:
@@ -549,8 +475,15 @@ class Generation:
             raise APIError(429, f"the server is busy ({s.in_flight} sequences in flight, at most {capacity}); "
                                 f"retry later", code="queue_full", type="rate_limit_error",
                            headers={"retry-after": "1"})
-        self.requests = s.submit(self.job.prompts, self.job.params, self.queue)
-        s.metrics.prompt_tokens += sum(len(p) for p in self.job.prompts[::max(1, self.job.sampling.n)])
+        loop = asyncio.get_running_loop()
+        for i, (prompt, params) in enumerate(zip(self.job.prompts, self.job.params)):
+            def on_event(event, i=i):  # on the engine thread
+                with contextlib.suppress(RuntimeError):  # a closed loop must not kill that thread
+                    loop.call_soon_threadsafe(self.queue.put_nowait, (i, event))
+            self.requests.append(s.engine.submit(prompt, params, on_event=on_event))
+            s._pending[self.requests[-1].id] = (loop, self.queue)
+        s.in_flight += n
+        s.metrics.prompt_tokens += self.usage()["prompt_tokens"]
 
     async def events(self, keepalive: float | None = None):
         """Yields (index, text delta, finished) per event, or None every `keepalive` s without one."""
@@ -575,7 +508,6 @@ class Generation:
             i, event = item
             choice = self.choices[i]
             if event.token_ids:
-                self.server.metrics.completion_tokens += len(event.token_ids)
                 self.server.metrics.tokens(len(event.token_ids))
                 if choice.first_at is None:
                     choice.first_at = time.monotonic()
@@ -588,30 +520,41 @@ class Generation:
         self.cancel_reason = None
 
     def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.server.release(self.requests, self.cancel_reason)
+        """The handler is done: cancel what still runs (counted under `cancel_reason`); the engine applies it at its
+        next step."""
+        if self.released:
+            return
+        self.released, s = True, self.server
+        running = [r for r in self.requests if not r.done]
+        for r in running:
+            r.cancel()
+        if running and self.cancel_reason:
+            s.metrics.cancelled[self.cancel_reason] += len(running)
+        for r in self.requests:
+            s._pending.pop(r.id, None)
+        s.in_flight -= len(self.requests)
+
+    def usage(self) -> dict:
+        prompt = sum(len(p) for p in self.job.prompts[::self.job.req.n])
+        completion = sum(len(r.token_ids) for r in self.requests)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     async def logprobs(self, i: int) -> Any:
         """The logprobs object of choice i (chat: {"content": [...]}, completions: the legacy shape)."""
         job, request, tok = self.job, self.requests[i], self.server.tokenizer
-        if not job.logprobs:
+        if job.top_logprobs is None:
             return None
         ids = list(request.token_ids)
         if ids and ids[-1] in (*self.server.engine.eos_ids,) and request.stop_reason == ids[-1]:
             ids = ids[:-1]
         prompt = list(job.prompts[i])
-        if not ids:
-            scored = []
-        else:
-            loop = asyncio.get_running_loop()
-            scored = await loop.run_in_executor(self.server._scorer, self.server.score, prompt + ids, len(prompt),
-                                                job.top_logprobs)
+        scored = await asyncio.get_running_loop().run_in_executor(
+            self.server._scorer, self.server.score, prompt + ids, len(prompt), job.top_logprobs) if ids else []
 
         def text(t: int) -> str:
             return tok.id_bytes(t).decode("utf-8", errors="replace")
 
-        if job.kind == "chat":
+        if job.chat:
             return {"content": [{"token": text(t), "logprob": lp, "bytes": list(tok.id_bytes(t)),
                                  "top_logprobs": [{"token": text(a), "logprob": b, "bytes": list(tok.id_bytes(a))}
                                                   for a, b in top]}
@@ -623,13 +566,6 @@ class Generation:
         return {"tokens": [text(t) for t in ids], "token_logprobs": [lp for lp, _ in scored],
                 "top_logprobs": [{text(a): b for a, b in top} for _, top in scored] if job.top_logprobs else None,
                 "text_offset": offsets}
-
-
-def _usage(gen: Generation) -> dict:
-    n = max(1, gen.job.sampling.n)
-    prompt = sum(len(p) for p in gen.job.prompts[::n])
-    completion = sum(len(r.token_ids) for r in gen.requests)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -646,7 +582,7 @@ def create_app(server: Server, ui_dir: Path | None = None):
 
     def error_response(e: APIError, endpoint: str | None = None) -> JSONResponse:
         if endpoint:
-            server.metrics.request(endpoint, e.status)
+            server.metrics.requests[endpoint, e.status] += 1
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(APIError)
@@ -675,47 +611,43 @@ def create_app(server: Server, ui_dir: Path | None = None):
         return await call_next(request)
 
     async def read_json(request: Request) -> dict:
-        limit = server.cfg.max_body_bytes
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit:
+        limit, declared = server.cfg.max_body_bytes, request.headers.get("content-length", "")
+        body = bytearray()
+        if not (declared.isdigit() and int(declared) > limit):  # else refuse without reading
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    break
+        if len(body) > limit or declared.isdigit() and int(declared) > limit:
             raise APIError(413, f"the request body is over the server's {limit}-byte limit", code="body_too_large")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise APIError(413, f"the request body is over the server's {limit}-byte limit",
-                               code="body_too_large")
-            chunks.append(chunk)
 
         def no_constants(name: str):
             raise ValueError(name)
 
         try:
-            body = json.loads(b"".join(chunks), parse_constant=no_constants)
+            data = json.loads(body, parse_constant=no_constants)  # NaN and Infinity are not JSON
         except (ValueError, RecursionError):
             raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
-        if not isinstance(body, dict):
+        if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-        return body
+        return data
 
     def require_ready() -> None:
         if not server.ready:
             raise APIError(503, server.error or "the model is still loading; retry in a moment", type="server_error",
                            code="loading")
 
-    async def handle(request: Request, kind: str, endpoint: str):
+    async def handle(request: Request, chat: bool, endpoint: str):
         arrived = time.monotonic()
         try:
             require_ready()
-            body = await read_json(request)
-            job = build_job(server, body, kind)
-            gen = Generation(server, job, arrived)
+            gen = Generation(server, build_job(server, await read_json(request), chat), arrived)
             gen.admit()
         except APIError as e:
             return error_response(e, endpoint)
-        server.metrics.request(endpoint, 200)
-        if job.sampling.stream:
-            return StreamingResponse(stream(gen, kind), media_type="text/event-stream",
+        server.metrics.requests[endpoint, 200] += 1
+        if gen.job.req.stream:
+            return StreamingResponse(stream(gen), media_type="text/event-stream",
                                      headers={"X-Accel-Buffering": "no", "Cache-Control": "no-cache"})
         watcher = asyncio.ensure_future(_wait_disconnect(request))
         try:
@@ -725,40 +657,33 @@ def create_app(server: Server, ui_dir: Path | None = None):
                 consume.cancel()
                 return Response(status_code=499)
             consume.result()
-            return JSONResponse(await complete_body(gen, kind))
+            choices = []
+            for i, c in enumerate(gen.choices):
+                if chat:
+                    message = {"role": "assistant", "content": c.content if (c.content or not c.tool_calls) else None}
+                    shape = {"message": message | ({"tool_calls": c.tool_calls} if c.tool_calls else {})}
+                else:
+                    shape = {"text": (gen.job.echo[i] if gen.job.echo else "") + c.content}
+                choices.append({"index": i, **shape, "logprobs": await gen.logprobs(i),
+                                "finish_reason": c.finish_reason})
+            return JSONResponse({**head(chat, "chat.completion"), "choices": choices, "usage": gen.usage()})
         except APIError as e:
             return error_response(e)
         finally:
             watcher.cancel()
             gen.release()
 
-    async def complete_body(gen: Generation, kind: str) -> dict:
-        choices = []
-        for i, c in enumerate(gen.choices):
-            logprobs = await gen.logprobs(i)
-            if kind == "chat":
-                message = {"role": "assistant", "content": c.content if (c.content or not c.tool_calls) else None}
-                if c.tool_calls:
-                    message["tool_calls"] = c.tool_calls
-                choices.append({"index": i, "message": message, "logprobs": logprobs,
-                                "finish_reason": c.finish_reason})
-            else:
-                text = (gen.job.echo[i] if gen.job.echo else "") + c.content
-                choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason})
-        return {"id": ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12),
-                "object": "chat.completion" if kind == "chat" else "text_completion", "created": int(time.time()),
-                "model": server.model_id, "system_fingerprint": None, "choices": choices, "usage": _usage(gen)}
-
-    async def stream(gen: Generation, kind: str):
-        chat = kind == "chat"
-        base = {"id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12),
-                "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+    def head(chat: bool, chat_object: str) -> dict:
+        return {"id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12),
+                "object": chat_object if chat else "text_completion", "created": int(time.time()),
                 "model": server.model_id, "system_fingerprint": None}
-        usage = gen.job.sampling.include_usage
+
+    async def stream(gen: Generation):
+        chat, usage = gen.job.chat, gen.job.req.stream_options and gen.job.req.stream_options.include_usage
+        base = head(chat, "chat.completion.chunk")
 
         def chunk(i: int, delta: dict | str, finish: str | None = None, logprobs=None) -> str:
-            choice = ({"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish} if chat else
-                      {"index": i, "text": delta, "logprobs": logprobs, "finish_reason": finish})
+            choice = {"index": i, "delta" if chat else "text": delta, "logprobs": logprobs, "finish_reason": finish}
             data = {**base, "choices": [choice]} | ({"usage": None} if usage else {})
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -777,12 +702,11 @@ def create_app(server: Server, ui_dir: Path | None = None):
                 if text:
                     yield chunk(i, {"content": text} if chat else text)
                 if finished:
-                    delta = {}
-                    if c.tool_calls:
-                        delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(c.tool_calls)]}
+                    delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(c.tool_calls)]} \
+                        if c.tool_calls else {}
                     yield chunk(i, delta if chat else "", c.finish_reason, await gen.logprobs(i))
             if usage:
-                yield f"data: {json.dumps({**base, 'choices': [], 'usage': _usage(gen)})}\n\n"
+                yield f"data: {json.dumps({**base, 'choices': [], 'usage': gen.usage()})}\n\n"
             yield "data: [DONE]\n\n"
         except APIError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
@@ -791,11 +715,11 @@ def create_app(server: Server, ui_dir: Path | None = None):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await handle(request, "chat", "/v1/chat/completions")
+        return await handle(request, True, "/v1/chat/completions")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await handle(request, "text", "/v1/completions")
+        return await handle(request, False, "/v1/completions")
 
     def model_card() -> dict:
         return {"id": server.model_id, "object": "model", "created": server.created, "owned_by": "chatsmith",
