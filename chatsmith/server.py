@@ -39,10 +39,9 @@ How it is shaped:
   top-p and penalties (what vLLM returns by default); they equal the sampling distribution only at temperature 1
   without filters or penalties. A stop token (`<|im_end|>`) at the end gets no entry. When streaming, all logprobs
   come with the last chunk of each choice.
-- Validation: pydantic models in strict mode (no coercion: "1" and true are not numbers; null means "not given")
-  over a body we read ourselves (size limit; JSON NaN/Infinity refused). Every bad value is a 400 with an OpenAI
-  error body whose `param` names the field and whose message says what it expects. Unknown keys are ignored (as
-  vLLM does).
+- The wire format lives in protocol.py: the strict request models and their 400s, the error body, reply, chunk and
+  logprobs shapes, a choice's text -> content/tool_calls (`Choice`) and the /metrics text (`Metrics`). This file
+  reads the body (size limit; JSON NaN/Infinity refused), runs the request and serves it.
 """
 
 
@@ -52,23 +51,33 @@ import contextlib
 import hmac
 import json
 import os
-import secrets
 import threading
 import time
-from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
 from .cli import LoadConfig, load_chat_model
 from .common import UserError, log
 from .config import opt
-
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
-MAX_N = 16
+from .protocol import (
+    MAX_N,
+    APIError,
+    ChatRequest,
+    Choice,
+    CompletionRequest,
+    Metrics,
+    Sampling,
+    invalid_body,
+    invalid_value,
+    logprobs_body,
+    reply_choice,
+    reply_head,
+    sse,
+    stream_chunk,
+)
 
 
 @dataclass(frozen=True)
@@ -91,180 +100,6 @@ class ServeConfig:
 class ServeStage:
     load: LoadConfig = LoadConfig()
     serve: ServeConfig = ServeConfig()
-
-
-class APIError(Exception):
-    """An error answered with the OpenAI error body."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-class Metrics:
-    """What /metrics shows; touched from the event loop only (the engine's gauges are read at render time)."""
-
-    def __init__(self) -> None:
-        self.requests: Counter[tuple[str, int]] = Counter()  # (endpoint, status) -> count
-        self.cancelled: Counter[str] = Counter()  # reason -> sequences
-        self.prompt_tokens = self.completion_tokens = 0
-        self.ttft_counts = [0] * (len(TTFT_BUCKETS) + 1)
-        self.ttft_sum = 0.0
-        self.recent: deque[tuple[float, int]] = deque()  # (time, tokens) over the last `window` seconds
-        self.window = 10.0
-
-    def tokens(self, n: int) -> None:
-        now = time.monotonic()
-        self.completion_tokens += n
-        self.recent.append((now, n))
-        while self.recent and self.recent[0][0] < now - self.window:
-            self.recent.popleft()
-
-    def ttft(self, seconds: float) -> None:
-        self.ttft_sum += seconds
-        self.ttft_counts[next((i for i, b in enumerate(TTFT_BUCKETS) if seconds <= b), len(TTFT_BUCKETS))] += 1
-
-    def render(self, waiting: int, live: int, in_flight: int) -> str:
-        now = time.monotonic()
-        rate = sum(n for t, n in self.recent if t >= now - self.window) / self.window
-        buckets, total = [], 0
-        for bound, count in zip((*TTFT_BUCKETS, "+Inf"), self.ttft_counts):
-            total += count
-            buckets.append((f'_bucket{{le="{bound}"}}', total))
-        families = [  # (name, type, help, [(suffix and labels, value)])
-            ("requests_total", "counter", "HTTP requests by endpoint and status code.",
-             [(f'{{endpoint="{e}",status="{s}"}}', n) for (e, s), n in sorted(self.requests.items())]),
-            ("prompt_tokens_total", "counter", "prompt tokens admitted.", [("", self.prompt_tokens)]),
-            ("completion_tokens_total", "counter", "tokens generated.", [("", self.completion_tokens)]),
-            ("queue_depth", "gauge", "sequences waiting for a KV-cache slot.", [("", waiting)]),
-            ("live_sequences", "gauge", "sequences holding a KV-cache slot.", [("", live)]),
-            ("in_flight_sequences", "gauge", "sequences admitted and not yet released.", [("", in_flight)]),
-            ("tokens_per_second", "gauge", f"completion tokens per second over the last {self.window:g} s.",
-             [("", f"{rate:.3f}")]),
-            ("cancelled_total", "counter", "sequences cancelled, by reason (disconnect, timeout).",
-             [(f'{{reason="{r}"}}', n) for r, n in sorted(self.cancelled.items())]),
-            ("time_to_first_token_seconds", "histogram", "from arrival to the first token of each sequence.",
-             [*buckets, ("_sum", f"{self.ttft_sum:.6f}"), ("_count", total)]),
-        ]
-        lines = []
-        for name, kind, help, samples in families:
-            lines += [f"# HELP chatsmith_{name} {help}", f"# TYPE chatsmith_{name} {kind}"]
-            lines += [f"chatsmith_{name}{suffix} {value}" for suffix, value in samples]
-        return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# request bodies: a field's description is what a 400 says it expects
-
-
-def _range(kind: type, lo: float, hi: float) -> Any:
-    return Annotated[kind, Field(ge=lo, le=hi)]
-
-
-NonEmpty = Annotated[str, Field(min_length=1)]
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(strict=True)  # no coercion: "1" or true is not a number; unknown keys are ignored
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_unset(cls, data: Any) -> Any:  # as in the OpenAI API, a null field takes its default
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
-
-
-class _TextPart(_Body):
-    type: Literal["text"]
-    text: str
-
-
-class _Message(_Body):
-    role: Literal[tuple(ROLES)]
-    content: str | list[_TextPart] | None = None
-    tool_calls: Any = None  # checked by the chat template (ConversationError)
-
-    def turn(self) -> dict:
-        """The chat template's {role, content, tool_calls}: developer becomes system, text parts are joined."""
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        return {"role": ROLES[self.role], "content": text} | ({"tool_calls": self.tool_calls} if self.tool_calls
-                                                             else {})
-
-
-class _Function(_Body):
-    name: str
-
-
-class _Tool(_Body):  # also a named tool_choice
-    type: Literal["function"] = "function"
-    function: _Function
-
-
-class _Format(_Body):
-    type: Literal["text", "json_object"]
-
-
-class _StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class Sampling(_Body):
-    """The fields both endpoints share; max_tokens None = not given."""
-    model: Any = None
-    max_tokens: _range(int, 1, 2**62) | None = None
-    temperature: _range(float, 0, 2) = 1.0
-    top_p: _range(float, 0, 1) = 1.0
-    top_k: _range(int, -1, 2**31) = 0  # -1 (vLLM's "off") = 0
-    min_p: _range(float, 0, 1) = 0.0
-    presence_penalty: _range(float, -2, 2) = 0.0
-    frequency_penalty: _range(float, -2, 2) = 0.0
-    repetition_penalty: _range(float, 0.01, 100) = 1.0
-    seed: _range(int, -2**63, 2**64 - 1) | None = None
-    stop: NonEmpty | Annotated[list[NonEmpty], Field(max_length=4)] = Field(
-        (), description="a non-empty string or a list of at most 4 non-empty strings")
-    n: _range(int, 1, MAX_N) = 1
-    stream: bool = False
-    stream_options: _StreamOptions | None = Field(None, description='an object like {"include_usage": true}')
-    logit_bias: Annotated[dict, Field(max_length=0)] | None = Field(None, description="absent: not supported")
-
-
-class ChatRequest(Sampling):
-    messages: Annotated[list[_Message], Field(min_length=1)] = Field(
-        description='a non-empty list of {"role": ..., "content": ...} objects; role one of '
-                    f'{", ".join(ROLES)}; content a string, a list of {{"type": "text", "text": ...}} parts or null')
-    max_completion_tokens: _range(int, 1, 2**62) | None = None
-    tools: list[_Tool] | None = Field(None, description='a list of {"type": "function", "function": {"name": ...}}')
-    tool_choice: Literal["none", "auto", "required"] | _Tool = Field(
-        "auto", description='"none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
-    response_format: _Format | None = Field(None, description='{"type": "text"} or {"type": "json_object"}')
-    logprobs: bool = False
-    top_logprobs: _range(int, 0, 20) = 0
-
-
-class CompletionRequest(Sampling):
-    prompt: str | list[int] | list[str | list[int]] = Field(
-        description=f"a string, a list of up to {MAX_N} strings, or token ids (lists of integers)")
-    suffix: None = Field(None, description="absent: not supported by this server")
-    best_of: int | None = None
-    logprobs: _range(int, 0, 20) | None = None
-    echo: bool = False
-
-
-def _bad(param: str, message: str) -> APIError:
-    return APIError(400, message, param=param, code="invalid_value")
-
-
-def _invalid(e: ValidationError, schema: type[BaseModel]) -> APIError:
-    """The first invalid field as a 400 (its name and list index, no paths): pydantic's reason and what it expects."""
-    loc = e.errors(include_url=False)[0]["loc"]
-    param, field = str(loc[0]), schema.model_fields.get(str(loc[0]))
-    expected = f"; {param} must be {field.description}" if field and field.description else ""
-    where = param + "".join(f"[{x}]" for x in loc[1:] if isinstance(x, int))
-    return _bad(param, f"invalid {where}: {e.errors(include_url=False)[0]['msg']}{expected}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -350,20 +185,20 @@ def build_job(server: Server, body: dict, chat: bool) -> Job:
     try:
         req = schema.model_validate(body)
     except ValidationError as e:
-        raise _invalid(e, schema) from None
+        raise invalid_body(e, schema) from None
     if req.model is not None and req.model != server.model_id:
         raise APIError(404, f"The model {str(req.model)[:80]!r} does not exist; this server serves "
                             f"{server.model_id!r}", param="model", code="model_not_found")
     if req.stream_options is not None and not req.stream:
-        raise _bad("stream_options", "stream_options is only allowed when stream is true")
+        raise invalid_value("stream_options", "stream_options is only allowed when stream is true")
     tools, echo, max_tokens = False, None, req.max_tokens
     if chat:
         try:
             prompts = [tok.render_for_completion([m.turn() for m in req.messages])]
         except ConversationError as e:
-            raise _bad("messages", str(e)) from None
+            raise invalid_value("messages", str(e)) from None
         if req.top_logprobs and not req.logprobs:
-            raise _bad("top_logprobs", "top_logprobs needs logprobs: true")
+            raise invalid_value("top_logprobs", "top_logprobs needs logprobs: true")
         max_tokens = req.max_completion_tokens or max_tokens
         tools, top = bool(req.tools) and req.tool_choice != "none", req.top_logprobs if req.logprobs else None
     else:
@@ -371,16 +206,16 @@ def build_job(server: Server, body: dict, chat: bool) -> Job:
         prompt = [prompt] if isinstance(prompt, str) or prompt and isinstance(prompt[0], int) else prompt
         if not 0 < len(prompt) <= MAX_N or not all(isinstance(p, str) or p and all(0 <= t < tok.vocab_size for t in p)
                                                    for p in prompt):
-            raise _bad("prompt", f"prompt must be a string, a list of up to {MAX_N} strings, or token ids "
+            raise invalid_value("prompt", f"prompt must be a string, a list of up to {MAX_N} strings, or token ids "
                                  f"(lists of integers in [0, {tok.vocab_size - 1}])")
         prompts = [tok.encode(p, bos=True) if isinstance(p, str) else list(p) for p in prompt]
         if req.best_of not in (None, req.n):
-            raise _bad("best_of", "best_of is not supported (only equal to n)")
+            raise invalid_value("best_of", "best_of is not supported (only equal to n)")
         max_tokens, top = max_tokens or 16, req.logprobs  # 16: the OpenAI default for completions
         if req.echo:
             echo = [tok.decode(p[1:] if p[:1] == [tok.bos_id] else p) for p in prompts for _ in range(req.n)]
     if len(prompts) * req.n > MAX_N:
-        raise _bad("n", f"prompts x n must be at most {MAX_N}")
+        raise invalid_value("n", f"prompts x n must be at most {MAX_N}")
     longest = max(len(p) for p in prompts)
     if max_tokens is None:
         if longest >= max_len:
@@ -400,57 +235,8 @@ def build_job(server: Server, body: dict, chat: bool) -> Job:
             repetition_penalty=req.repetition_penalty, seed=None if req.seed is None else (req.seed + j) % 2**64,
             stop=(*stop, TOOL_CALL_CLOSE) if tools else stop) for j in range(req.n)]
     except UserError as e:
-        raise _bad("sampling", str(e)) from None
+        raise invalid_value("sampling", str(e)) from None
     return Job(chat, req, [p for p in prompts for _ in range(req.n)], params * len(prompts), tools, top, echo)
-
-
-class Choice:
-    """One sequence's output as it streams: text deltas, tool-call hold-back, the final message."""
-
-    def __init__(self, tools: bool):
-        from .engine import StopStrings
-        from .tokenizer import TOOL_CALL_OPEN
-
-        self.tools, self.raw, self.shown = tools, "", 0
-        self.hold = StopStrings((TOOL_CALL_OPEN,)) if tools else None
-        self.finish_reason: str | None = None
-        self.tool_calls: list[dict] = []
-        self.first_at: float | None = None
-
-    def push(self, text: str) -> str:
-        """The event's text -> what can be shown now (with tools, a trailing newline waits: a call drops it)."""
-        self.raw += text
-        if self.hold is not None and self.hold.matched is None:
-            self.hold.push(text)
-        delta = self.raw[self.shown:len(self.raw) if self.hold is None else self.hold.sent]
-        if self.hold is not None and delta.endswith("\n"):
-            delta = delta[:-1]
-        self.shown += len(delta)
-        return delta
-
-    def finish(self, request) -> str:
-        """At the end: map a tool call, return the remaining text to show."""
-        from .tokenizer import TOOL_CALL_CLOSE, parse_assistant
-
-        self.finish_reason = request.finish_reason
-        if self.tools and request.stop_reason == TOOL_CALL_CLOSE:
-            parsed = parse_assistant(self.raw + TOOL_CALL_CLOSE)
-            if parsed["tool_calls"]:
-                self.tool_calls = [{"id": "call_" + secrets.token_hex(12), "type": "function",
-                                    "function": {"name": c["name"],
-                                                 "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-                                   for c in parsed["tool_calls"]]
-                self.finish_reason = "tool_calls"
-                self.raw = parsed["content"]
-            else:
-                self.raw += TOOL_CALL_CLOSE  # not a valid call: the text stays content
-        rest = self.raw[self.shown:]
-        self.shown = len(self.raw)
-        return rest
-
-    @property
-    def content(self) -> str:
-        return self.raw[:self.shown]
 
 
 class Generation:
@@ -550,22 +336,8 @@ class Generation:
         prompt = list(job.prompts[i])
         scored = await asyncio.get_running_loop().run_in_executor(
             self.server._scorer, self.server.score, prompt + ids, len(prompt), job.top_logprobs) if ids else []
-
-        def text(t: int) -> str:
-            return tok.id_bytes(t).decode("utf-8", errors="replace")
-
-        if job.chat:
-            return {"content": [{"token": text(t), "logprob": lp, "bytes": list(tok.id_bytes(t)),
-                                 "top_logprobs": [{"token": text(a), "logprob": b, "bytes": list(tok.id_bytes(a))}
-                                                  for a, b in top]}
-                                for t, (lp, top) in zip(ids, scored)]}
-        offsets, pos = [], len(job.echo[i]) if job.echo else 0
-        for t in ids:
-            offsets.append(pos)
-            pos += len(text(t))
-        return {"tokens": [text(t) for t in ids], "token_logprobs": [lp for lp, _ in scored],
-                "top_logprobs": [{text(a): b for a, b in top} for _, top in scored] if job.top_logprobs else None,
-                "text_offset": offsets}
+        return logprobs_body(job.chat, ids, scored, tok.id_bytes, job.top_logprobs,
+                             len(job.echo[i]) if job.echo else 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -657,35 +429,23 @@ def create_app(server: Server, ui_dir: Path | None = None):
                 consume.cancel()
                 return Response(status_code=499)
             consume.result()
-            choices = []
-            for i, c in enumerate(gen.choices):
-                if chat:
-                    message = {"role": "assistant", "content": c.content if (c.content or not c.tool_calls) else None}
-                    shape = {"message": message | ({"tool_calls": c.tool_calls} if c.tool_calls else {})}
-                else:
-                    shape = {"text": (gen.job.echo[i] if gen.job.echo else "") + c.content}
-                choices.append({"index": i, **shape, "logprobs": await gen.logprobs(i),
-                                "finish_reason": c.finish_reason})
-            return JSONResponse({**head(chat, "chat.completion"), "choices": choices, "usage": gen.usage()})
+            echo = gen.job.echo or [""] * len(gen.choices)
+            choices = [reply_choice(chat, i, c.content if chat else echo[i] + c.content, c.tool_calls,
+                                    await gen.logprobs(i), c.finish_reason) for i, c in enumerate(gen.choices)]
+            return JSONResponse({**reply_head(chat, "chat.completion", server.model_id), "choices": choices,
+                                 "usage": gen.usage()})
         except APIError as e:
             return error_response(e)
         finally:
             watcher.cancel()
             gen.release()
 
-    def head(chat: bool, chat_object: str) -> dict:
-        return {"id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12),
-                "object": chat_object if chat else "text_completion", "created": int(time.time()),
-                "model": server.model_id, "system_fingerprint": None}
-
     async def stream(gen: Generation):
         chat, usage = gen.job.chat, gen.job.req.stream_options and gen.job.req.stream_options.include_usage
-        base = head(chat, "chat.completion.chunk")
+        base = reply_head(chat, "chat.completion.chunk", server.model_id)
 
         def chunk(i: int, delta: dict | str, finish: str | None = None, logprobs=None) -> str:
-            choice = {"index": i, "delta" if chat else "text": delta, "logprobs": logprobs, "finish_reason": finish}
-            data = {**base, "choices": [choice]} | ({"usage": None} if usage else {})
-            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+            return stream_chunk(base, chat, i, delta, finish, logprobs, usage)
 
         try:
             for i in range(len(gen.choices)):
@@ -706,10 +466,10 @@ def create_app(server: Server, ui_dir: Path | None = None):
                         if c.tool_calls else {}
                     yield chunk(i, delta if chat else "", c.finish_reason, await gen.logprobs(i))
             if usage:
-                yield f"data: {json.dumps({**base, 'choices': [], 'usage': gen.usage()})}\n\n"
+                yield sse({**base, "choices": [], "usage": gen.usage()})
             yield "data: [DONE]\n\n"
         except APIError as e:
-            yield f"data: {json.dumps(e.body())}\n\n"
+            yield sse(e.body())
         finally:
             gen.release()
 
@@ -843,5 +603,5 @@ def serve_in_thread(server: Server, app=None, host: str = "127.0.0.1", port: int
     return uv, f"http://{host}:{sock.getsockname()[1]}"
 
 
-__all__ = ["APIError", "Metrics", "ServeConfig", "ServeStage", "Server", "create_app", "load_into", "main",
+__all__ = ["ServeConfig", "ServeStage", "Server", "create_app", "load_into", "main",
            "serve_in_thread"]

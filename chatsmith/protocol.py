@@ -1,0 +1,329 @@
+"""The OpenAI wire format of `chatsmith serve`: the request bodies it accepts, its error body, and the JSON it answers.
+
+    from chatsmith.protocol import ChatRequest, invalid_body
+    try:
+        req = ChatRequest.model_validate(body)
+    except ValidationError as e:
+        raise invalid_body(e, ChatRequest) from None   # an APIError: 400, param "messages", what it expects
+
+Nothing here touches the engine thread, the model or the HTTP framework: server.py holds how a request is run and
+served, this file what goes over the wire.
+
+How it is shaped:
+- Validation: pydantic models in strict mode (no coercion: "1" and true are not numbers; null means "not given")
+  over a body the server reads itself (size limit; JSON NaN/Infinity refused). Every bad value is a 400 with an
+  OpenAI error body whose `param` names the field and whose message says what it expects (a field's `description`
+  is that text). Unknown keys are ignored (as vLLM does).
+- Errors: `APIError` carries status, OpenAI error body and extra headers; the app answers it as JSON, or as an SSE
+  `data: {"error": ...}` event once a stream has started (the openai client raises that as APIError).
+- Tool calls: `Choice` turns one sequence's streamed text into what is shown; with tools it holds text back from
+  `<tool_call>` on, and at the end the model's `<tool_call>{json}</tool_call>` becomes `tool_calls` (arguments a
+  JSON string, a fresh `call_` id) and finish_reason "tool_calls"; a call that does not parse stays content.
+- Replies: chat choices carry `message` (content null when the turn is only tool calls), completions `text`; stream
+  chunks carry `delta` / `text` and `"usage": null` when `stream_options.include_usage` asks for a final usage chunk.
+  logprobs come in the chat shape ({"content": [{token, logprob, bytes, top_logprobs}]}) or the legacy completions
+  shape (tokens, token_logprobs, top_logprobs, text_offset).
+- /metrics: `Metrics` keeps the counters (touched from the event loop only) and renders Prometheus text format
+  0.0.4, every family prefixed `chatsmith_`.
+"""
+
+import json
+import secrets
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+MAX_N = 16  # sequences per request (prompts x n)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class APIError(Exception):
+    """An error answered with the OpenAI error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid_value(param: str, message: str) -> APIError:
+    return APIError(400, message, param=param, code="invalid_value")
+
+
+def invalid_body(e: ValidationError, schema: type[BaseModel]) -> APIError:
+    """The first invalid field as a 400 (its name and list index, no paths): pydantic's reason and what it expects."""
+    loc = e.errors(include_url=False)[0]["loc"]
+    param, field = str(loc[0]), schema.model_fields.get(str(loc[0]))
+    expected = f"; {param} must be {field.description}" if field and field.description else ""
+    where = param + "".join(f"[{x}]" for x in loc[1:] if isinstance(x, int))
+    return invalid_value(param, f"invalid {where}: {e.errors(include_url=False)[0]['msg']}{expected}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# request bodies: a field's description is what a 400 says it expects
+
+
+def _range(kind: type, lo: float, hi: float) -> Any:
+    return Annotated[kind, Field(ge=lo, le=hi)]
+
+
+NonEmpty = Annotated[str, Field(min_length=1)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True)  # no coercion: "1" or true is not a number; unknown keys are ignored
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:  # as in the OpenAI API, a null field takes its default
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class _TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class _Message(_Body):
+    role: Literal[tuple(ROLES)]
+    content: str | list[_TextPart] | None = None
+    tool_calls: Any = None  # checked by the chat template (ConversationError)
+
+    def turn(self) -> dict:
+        """The chat template's {role, content, tool_calls}: developer becomes system, text parts are joined."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return {"role": ROLES[self.role], "content": text} | ({"tool_calls": self.tool_calls} if self.tool_calls
+                                                             else {})
+
+
+class _Function(_Body):
+    name: str
+
+
+class _Tool(_Body):  # also a named tool_choice
+    type: Literal["function"] = "function"
+    function: _Function
+
+
+class _Format(_Body):
+    type: Literal["text", "json_object"]
+
+
+class _StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class Sampling(_Body):
+    """The fields both endpoints share; max_tokens None = not given."""
+    model: Any = None
+    max_tokens: _range(int, 1, 2**62) | None = None
+    temperature: _range(float, 0, 2) = 1.0
+    top_p: _range(float, 0, 1) = 1.0
+    top_k: _range(int, -1, 2**31) = 0  # -1 (vLLM's "off") = 0
+    min_p: _range(float, 0, 1) = 0.0
+    presence_penalty: _range(float, -2, 2) = 0.0
+    frequency_penalty: _range(float, -2, 2) = 0.0
+    repetition_penalty: _range(float, 0.01, 100) = 1.0
+    seed: _range(int, -2**63, 2**64 - 1) | None = None
+    stop: NonEmpty | Annotated[list[NonEmpty], Field(max_length=4)] = Field(
+        (), description="a non-empty string or a list of at most 4 non-empty strings")
+    n: _range(int, 1, MAX_N) = 1
+    stream: bool = False
+    stream_options: _StreamOptions | None = Field(None, description='an object like {"include_usage": true}')
+    logit_bias: Annotated[dict, Field(max_length=0)] | None = Field(None, description="absent: not supported")
+
+
+class ChatRequest(Sampling):
+    messages: Annotated[list[_Message], Field(min_length=1)] = Field(
+        description='a non-empty list of {"role": ..., "content": ...} objects; role one of '
+                    f'{", ".join(ROLES)}; content a string, a list of {{"type": "text", "text": ...}} parts or null')
+    max_completion_tokens: _range(int, 1, 2**62) | None = None
+    tools: list[_Tool] | None = Field(None, description='a list of {"type": "function", "function": {"name": ...}}')
+    tool_choice: Literal["none", "auto", "required"] | _Tool = Field(
+        "auto", description='"none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
+    response_format: _Format | None = Field(None, description='{"type": "text"} or {"type": "json_object"}')
+    logprobs: bool = False
+    top_logprobs: _range(int, 0, 20) = 0
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[int] | list[str | list[int]] = Field(
+        description=f"a string, a list of up to {MAX_N} strings, or token ids (lists of integers)")
+    suffix: None = Field(None, description="absent: not supported by this server")
+    best_of: int | None = None
+    logprobs: _range(int, 0, 20) | None = None
+    echo: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# replies
+
+
+class Choice:
+    """One sequence's output as it streams: text deltas, tool-call hold-back, the final message."""
+
+    def __init__(self, tools: bool):
+        from .engine import StopStrings
+        from .tokenizer import TOOL_CALL_OPEN
+
+        self.tools, self.raw, self.shown = tools, "", 0
+        self.hold = StopStrings((TOOL_CALL_OPEN,)) if tools else None
+        self.finish_reason: str | None = None
+        self.tool_calls: list[dict] = []
+        self.first_at: float | None = None
+
+    def push(self, text: str) -> str:
+        """The event's text -> what can be shown now (with tools, a trailing newline waits: a call drops it)."""
+        self.raw += text
+        if self.hold is not None and self.hold.matched is None:
+            self.hold.push(text)
+        delta = self.raw[self.shown:len(self.raw) if self.hold is None else self.hold.sent]
+        if self.hold is not None and delta.endswith("\n"):
+            delta = delta[:-1]
+        self.shown += len(delta)
+        return delta
+
+    def finish(self, request) -> str:
+        """At the end: map a tool call, return the remaining text to show."""
+        from .tokenizer import TOOL_CALL_CLOSE, parse_assistant
+
+        self.finish_reason = request.finish_reason
+        if self.tools and request.stop_reason == TOOL_CALL_CLOSE:
+            parsed = parse_assistant(self.raw + TOOL_CALL_CLOSE)
+            if parsed["tool_calls"]:
+                self.tool_calls = [{"id": "call_" + secrets.token_hex(12), "type": "function",
+                                    "function": {"name": c["name"],
+                                                 "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+                                   for c in parsed["tool_calls"]]
+                self.finish_reason = "tool_calls"
+                self.raw = parsed["content"]
+            else:
+                self.raw += TOOL_CALL_CLOSE  # not a valid call: the text stays content
+        rest = self.raw[self.shown:]
+        self.shown = len(self.raw)
+        return rest
+
+    @property
+    def content(self) -> str:
+        return self.raw[:self.shown]
+
+
+def reply_head(chat: bool, chat_object: str, model_id: str) -> dict:
+    """The fields every reply and chunk starts with (a fresh id); completions' object is always "text_completion"."""
+    return {"id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12),
+            "object": chat_object if chat else "text_completion", "created": int(time.time()), "model": model_id,
+            "system_fingerprint": None}
+
+
+def reply_choice(chat: bool, index: int, text: str, tool_calls: list[dict], logprobs: Any,
+                 finish_reason: str | None) -> dict:
+    """One choice of a non-streaming reply (completions: `text` already includes any echoed prompt)."""
+    if chat:
+        message = {"role": "assistant", "content": text if (text or not tool_calls) else None}
+        shape = {"message": message | ({"tool_calls": tool_calls} if tool_calls else {})}
+    else:
+        shape = {"text": text}
+    return {"index": index, **shape, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def sse(data: dict) -> str:
+    """One server-sent event."""
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def stream_chunk(head: dict, chat: bool, index: int, delta: dict | str, finish_reason: str | None = None,
+                 logprobs: Any = None, usage: bool = False) -> str:
+    """One choice's chunk as an SSE event; `usage` adds "usage": null (a final chunk will carry it)."""
+    choice = {"index": index, "delta" if chat else "text": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    return sse({**head, "choices": [choice]} | ({"usage": None} if usage else {}))
+
+
+def logprobs_body(chat: bool, ids: list[int], scored: list[tuple[float, list[tuple[int, float]]]],
+                  id_bytes: Callable[[int], bytes], top_logprobs: int, text_offset: int = 0) -> dict:
+    """The logprobs object of one choice from (logprob, top (id, logprob)) per generated token; `text_offset` is
+    where the completion starts in the returned text (the echoed prompt's length)."""
+
+    def text(t: int) -> str:
+        return id_bytes(t).decode("utf-8", errors="replace")
+
+    if chat:
+        return {"content": [{"token": text(t), "logprob": lp, "bytes": list(id_bytes(t)),
+                             "top_logprobs": [{"token": text(a), "logprob": b, "bytes": list(id_bytes(a))}
+                                              for a, b in top]}
+                            for t, (lp, top) in zip(ids, scored)]}
+    offsets, pos = [], text_offset
+    for t in ids:
+        offsets.append(pos)
+        pos += len(text(t))
+    return {"tokens": [text(t) for t in ids], "token_logprobs": [lp for lp, _ in scored],
+            "top_logprobs": [{text(a): b for a, b in top} for _, top in scored] if top_logprobs else None,
+            "text_offset": offsets}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# /metrics (Prometheus text)
+
+
+class Metrics:
+    """What /metrics shows; touched from the event loop only (the engine's gauges are read at render time)."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, int]] = Counter()  # (endpoint, status) -> count
+        self.cancelled: Counter[str] = Counter()  # reason -> sequences
+        self.prompt_tokens = self.completion_tokens = 0
+        self.ttft_counts = [0] * (len(TTFT_BUCKETS) + 1)
+        self.ttft_sum = 0.0
+        self.recent: deque[tuple[float, int]] = deque()  # (time, tokens) over the last `window` seconds
+        self.window = 10.0
+
+    def tokens(self, n: int) -> None:
+        now = time.monotonic()
+        self.completion_tokens += n
+        self.recent.append((now, n))
+        while self.recent and self.recent[0][0] < now - self.window:
+            self.recent.popleft()
+
+    def ttft(self, seconds: float) -> None:
+        self.ttft_sum += seconds
+        self.ttft_counts[next((i for i, b in enumerate(TTFT_BUCKETS) if seconds <= b), len(TTFT_BUCKETS))] += 1
+
+    def render(self, waiting: int, live: int, in_flight: int) -> str:
+        now = time.monotonic()
+        rate = sum(n for t, n in self.recent if t >= now - self.window) / self.window
+        buckets, total = [], 0
+        for bound, count in zip((*TTFT_BUCKETS, "+Inf"), self.ttft_counts):
+            total += count
+            buckets.append((f'_bucket{{le="{bound}"}}', total))
+        families = [  # (name, type, help, [(suffix and labels, value)])
+            ("requests_total", "counter", "HTTP requests by endpoint and status code.",
+             [(f'{{endpoint="{e}",status="{s}"}}', n) for (e, s), n in sorted(self.requests.items())]),
+            ("prompt_tokens_total", "counter", "prompt tokens admitted.", [("", self.prompt_tokens)]),
+            ("completion_tokens_total", "counter", "tokens generated.", [("", self.completion_tokens)]),
+            ("queue_depth", "gauge", "sequences waiting for a KV-cache slot.", [("", waiting)]),
+            ("live_sequences", "gauge", "sequences holding a KV-cache slot.", [("", live)]),
+            ("in_flight_sequences", "gauge", "sequences admitted and not yet released.", [("", in_flight)]),
+            ("tokens_per_second", "gauge", f"completion tokens per second over the last {self.window:g} s.",
+             [("", f"{rate:.3f}")]),
+            ("cancelled_total", "counter", "sequences cancelled, by reason (disconnect, timeout).",
+             [(f'{{reason="{r}"}}', n) for r, n in sorted(self.cancelled.items())]),
+            ("time_to_first_token_seconds", "histogram", "from arrival to the first token of each sequence.",
+             [*buckets, ("_sum", f"{self.ttft_sum:.6f}"), ("_count", total)]),
+        ]
+        lines = []
+        for name, kind, help, samples in families:
+            lines += [f"# HELP chatsmith_{name} {help}", f"# TYPE chatsmith_{name} {kind}"]
+            lines += [f"chatsmith_{name}{suffix} {value}" for suffix, value in samples]
+        return "\n".join(lines) + "\n"
+
+
+__all__ = ["MAX_N", "ROLES", "TTFT_BUCKETS", "APIError", "ChatRequest", "Choice", "CompletionRequest", "Metrics",
+           "Sampling", "invalid_body", "invalid_value", "logprobs_body", "reply_choice", "reply_head", "sse",
+           "stream_chunk"]
