@@ -111,7 +111,7 @@ class SFTDataConfig:
 class ChatCheckConfig:
     check_prompts: int = opt(200, "held-out prompts answered after SFT to check replies end with <|im_end|>; 0: skip")
     check_zh_prompts: int = opt(100, "how many of them are Chinese (to check Chinese prompts get Chinese replies)")
-    check_max_tokens: int = opt(128, "reply length limit for those checks")
+    check_max_tokens: int = opt(384, "reply length limit for those checks (a reply cut by it counts as not ended)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -44,12 +44,13 @@ def han_fraction(text: str) -> float:
     return han / max(1, len(letters))
 
 
-def check_prompts(conversations: list[list[dict]], n: int, n_zh: int) -> list[str]:
-    """First user turns of held-out conversations: up to `n_zh` mostly-Chinese ones, then others up to `n` in all."""
+def check_prompts(conversations: list[list[dict]], n: int, n_zh: int, fits=lambda p: True) -> list[str]:
+    """First user turns of held-out conversations that `fits` (leave room for a reply in the context): up to `n_zh`
+    mostly-Chinese ones, then others up to `n` in all."""
     firsts = []
     for conv in conversations:
         user = next((m["content"] for m in conv if m["role"] == "user"), None)
-        if user and user not in firsts:
+        if user and user not in firsts and fits(user):
             firsts.append(user)
     zh = [p for p in firsts if han_fraction(p) >= 0.5][:n_zh]
     rest = [p for p in firsts if han_fraction(p) < 0.5][: max(0, n - len(zh))]
@@ -96,7 +97,7 @@ def chat_checks(model: GPT, tok: Tokenizer, prompts: list[str], max_tokens: int,
             "zh_prompts": len(zh), "zh_replies_mostly_han": zh_ok, "zh_frac": zh_ok / max(1, len(zh)),
             "sampling": {"temperature": defaults.temperature, "top_k": defaults.top_k, "top_p": defaults.top_p,
                          "repetition_penalty": defaults.repetition_penalty, "max_tokens": max_tokens, "seed": seed},
-            "examples": [{"prompt": p, "reply": a, "ended": e, "tool_calls": t} for p, a, e, t in rows[:40]]}
+            "replies": [{"prompt": p, "reply": a, "ended": e, "tool_calls": t} for p, a, e, t in rows]}
 
 
 def main(cfg: SFTStage) -> dict:
@@ -144,13 +145,18 @@ def main(cfg: SFTStage) -> dict:
     if cc.check_prompts and not (ck is not None and ck.step >= tc.steps and checks_path.exists()):
         # a larger draw of held-out conversations than validation uses, for enough prompts of both languages
         more = dataclasses.replace(cfg.sft, val_convs=max(cfg.sft.val_convs, cc.check_prompts))
+        room = min(cc.check_max_tokens, mcfg.seq_len // 4)  # a prompt must leave this much context for its reply
+
+        def fits(p: str) -> bool:
+            return len(tok.render_for_completion([{"role": "user", "content": p}])) + room <= mcfg.seq_len
+
         prompts = check_prompts(chat.build_conversations(more, "val", cfg.run.seed), cc.check_prompts,
-                                cc.check_zh_prompts)
+                                cc.check_zh_prompts, fits)
         checks = chat_checks(model, tok, prompts, cc.check_max_tokens, device, cfg.run.seed)
         atomic_write_json(checks_path, checks)
         log(f"sft: {checks['ended_with_im_end']}/{checks['prompts']} held-out replies end with <|im_end|>; "
             f"{checks['zh_replies_mostly_han']}/{checks['zh_prompts']} Chinese prompts got a mostly-Chinese reply")
     if checks_path.exists():
         checks = json.loads(checks_path.read_text(encoding="utf-8"))
-        summary["chat_checks"] = {k: v for k, v in checks.items() if k != "examples"}
+        summary["chat_checks"] = {k: v for k, v in checks.items() if k != "replies"}
     return summary
