@@ -64,7 +64,7 @@ from ..common import UserError, log
 from ..config import SFTDataConfig
 from ..tools import calculate
 from . import sources
-from .shards import IGNORE_INDEX
+from .shards import IGNORE_INDEX, RankStream
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
@@ -479,26 +479,18 @@ class ChatLoader:
         self.dropped = len(rows) - len(keep)
         self.fingerprint = hashlib.blake2b(all_lengths.tobytes(), digest_size=8).hexdigest()
         self.n_convs = len(keep)
-        self.n_rank = len(range(rank, self.n_convs, world_size))
+        self.stream = RankStream(self.n_convs, rank, world_size, seed, shuffle)
+        self.n_rank = self.stream.n_rank
         if self.n_rank == 0:
             raise UserError(f"{self.n_convs} conversations fit in rows, fewer than the {world_size} ranks; add "
                             f"conversations or use fewer processes")
-        self._orders: dict[int, np.ndarray] = {}
         self._next = 0  # position in this rank's conversation stream; epoch = position // n_rank
         self._buffer: list[int] = []  # stream positions of buffered conversations, ascending
         self._counts = {"convs": 0, "tokens": 0, "loss_tokens": 0}
 
     def _conv(self, k: int) -> int:
         """The conversation (index into the kept rows) at position k of this rank's stream."""
-        epoch, j = divmod(k, self.n_rank)
-        pos = self.rank + j * self.world_size
-        if not self.shuffle:
-            return pos
-        if epoch not in self._orders:
-            if len(self._orders) >= 4:
-                self._orders.pop(min(self._orders))
-            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n_convs)
-        return int(self._orders[epoch][pos])
+        return self.stream.item(k)
 
     def _refill(self) -> None:
         end = None if self.epochs is None else self.epochs * self.n_rank

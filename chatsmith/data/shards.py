@@ -394,6 +394,29 @@ class ShardReader:
         return self.tokens[s][a : a + int(self.length[i])]
 
 
+class RankStream:
+    """Positions k = 0, 1, ... of one rank's share of a stream of `n_items` items: position k lies in epoch
+    k // n_rank and names item order_epoch[rank + (k % n_rank) * world_size], where order_epoch is a permutation
+    seeded by (seed, epoch) (the identity without `shuffle`). Ranks are disjoint within an epoch; a position alone
+    names its item, so a loader's state is just positions. Used by PackingLoader and data.chat.ChatLoader."""
+
+    def __init__(self, n_items: int, rank: int, world_size: int, seed: int, shuffle: bool):
+        self.n_items, self.rank, self.world_size, self.seed, self.shuffle = n_items, rank, world_size, seed, shuffle
+        self.n_rank = len(range(rank, n_items, world_size))  # items of this rank per epoch
+        self._orders: dict[int, np.ndarray] = {}  # the last few epochs' permutations
+
+    def item(self, k: int) -> int:
+        epoch, j = divmod(k, self.n_rank)
+        pos = self.rank + j * self.world_size
+        if not self.shuffle:
+            return pos
+        if epoch not in self._orders:
+            if len(self._orders) >= 4:
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n_items)
+        return int(self._orders[epoch][pos])
+
+
 class PackingLoader:
     """Infinite (or `epochs`-long) batches of BOS-aligned, best-fit packed rows; see the module docstring."""
 
@@ -404,11 +427,11 @@ class PackingLoader:
         self.rank, self.world_size = rank, world_size
         self.buffer_docs, self.epochs, self.seed, self.shuffle = max(1, buffer_docs), epochs, seed, shuffle
         self.n_docs = len(self.reader)
-        self.n_rank = len(range(rank, self.n_docs, world_size))  # documents of this rank per epoch
+        self.stream = RankStream(self.n_docs, rank, world_size, seed, shuffle)
+        self.n_rank = self.stream.n_rank  # documents of this rank per epoch
         if self.n_rank == 0:
             raise UserError(f"{shard_dir} has {self.n_docs} documents, fewer than the {world_size} ranks; "
                             f"add documents or use fewer processes")
-        self._orders: dict[int, np.ndarray] = {}
         self._next = 0  # position in this rank's document stream: epoch = k // n_rank
         self._buffer: list[int] = []  # stream positions of buffered documents, ascending
         self._lengths = np.zeros(0, dtype=np.int64)  # their lengths, aligned with _buffer
@@ -418,15 +441,7 @@ class PackingLoader:
 
     def _doc_id(self, k: int) -> int:
         """The document (index into the reader) at position k of this rank's stream."""
-        epoch, j = divmod(k, self.n_rank)
-        pos = self.rank + j * self.world_size
-        if not self.shuffle:
-            return pos
-        if epoch not in self._orders:
-            if len(self._orders) >= 4:
-                self._orders.pop(min(self._orders))
-            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n_docs)
-        return int(self._orders[epoch][pos])
+        return self.stream.item(k)
 
     def _refill(self) -> None:
         end = None if self.epochs is None else self.epochs * self.n_rank
