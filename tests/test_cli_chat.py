@@ -124,6 +124,26 @@ def test_python_infinite_loop_times_out_and_the_chat_goes_on(tok):
     assert reply.messages[2]["content"] == "The program did not finish." and reply.finish_reason == "stop"
 
 
+def test_python_memory_bomb_is_stopped_and_the_chat_goes_on(tok):
+    call = {"name": "python", "arguments": {"code": "x = bytearray(2 * 1024**3)\nprint(len(x))"}}
+    outputs = []
+
+    def runner(name, arguments):  # the python tool with a 256 MB limit; its status line goes back (the traceback
+        outputs.append(tools.run_python(arguments["code"], timeout_s=10, memory_mb=256))  # names a temp dir)
+        return outputs[-1].format().splitlines()[-1]
+
+    status = "[memory limit of 256 MB exceeded]"
+    engine = scripted_engine(tok, [
+        (USER, call_text(**call)),
+        (USER + [{"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": status}],
+         "That was too big."),
+    ])
+    reply = chat(engine, tok, USER, SamplingParams(temperature=0), run_tool=runner)
+    assert outputs[0].memory_exceeded and not outputs[0].timed_out and outputs[0].format().endswith(status)
+    assert [m["role"] for m in reply.messages] == ["assistant", "tool", "assistant"]
+    assert reply.messages[2]["content"] == "That was too big." and reply.finish_reason == "stop"
+
+
 def test_malformed_call_gets_an_error_turn_and_the_call_limit_ends_the_reply(tok):
     bad = "Try.\n<tool_call>{\"name\": 7}</tool_call>"
     call = {"name": "calculator", "arguments": {"expression": "1/0"}}
