@@ -16,16 +16,16 @@ import itertools
 import json
 import random
 from dataclasses import asdict
-from types import SimpleNamespace
 
 import pytest
 import torch
+from test_engine import ScriptedModel
 
 from chatsmith import checkpoint, config, tools
 from chatsmith.cli import HELP, NO_MODEL, ChatStage, fit_context, load_chat_model, main
 from chatsmith.common import UserError, run_dir
 from chatsmith.engine import Engine, SamplingParams, chat
-from chatsmith.model import GPT, KVCache, ModelConfig
+from chatsmith.model import GPT, ModelConfig
 from chatsmith.tokenizer import Tokenizer
 
 TEXT = ("Hello there! What is 12*34? The answer is 408. Let me compute that with a tool call.\n"
@@ -48,35 +48,11 @@ def tok() -> Tokenizer:
 # the tool loop with a scripted model
 
 
-class PromptScriptedModel(torch.nn.Module):
-    """The engine's model interface with one-hot logits: after prompt P it emits scripts[P], then <|im_end|>.
-    A prompt without a script raises KeyError, so a test fails when a conversation is rendered differently."""
-
-    def __init__(self, vocab_size: int, scripts: dict[tuple, list[int]]):
-        super().__init__()
-        self.config = SimpleNamespace(vocab_size=vocab_size, seq_len=512)
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
-        self.scripts, self.prompt_of = scripts, {}
-
-    def new_kv_cache(self, slots, max_len=None, dtype=None):
-        return KVCache(1, slots, 1, max_len or 512, 2)
-
-    def forward_cached(self, idx, cache, slots, last_only=False):
-        logits = torch.zeros(idx.size(0), 1, self.config.vocab_size)
-        for row, slot in enumerate(slots):
-            if cache.lengths[slot] == 0:
-                self.prompt_of[slot] = tuple(idx[row].tolist())
-            cache.lengths[slot] += idx.size(1)
-            script = self.scripts[self.prompt_of[slot]]
-            n = cache.lengths[slot] - len(self.prompt_of[slot])
-            logits[row, 0, script[n] if n < len(script) else 2] = 100.0
-        return logits
-
-
 def scripted_engine(tok, rounds: list[tuple[list[dict], str]]) -> Engine:
     """rounds: (the conversation the model must be shown, what it then writes)."""
     scripts = {tuple(tok.render_for_completion(msgs)): tok.encode(text) for msgs, text in rounds}
-    return Engine(PromptScriptedModel(tok.vocab_size, scripts), tok, slots=1, max_len=512)
+    # ScriptedModel raises KeyError for an unscripted prompt: a conversation rendered differently fails the test
+    return Engine(ScriptedModel(tok.vocab_size, scripts, seq_len=512), tok, slots=1, max_len=512)
 
 
 def call_text(name: str, arguments: dict) -> str:

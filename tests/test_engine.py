@@ -343,14 +343,14 @@ def test_bad_sampling_params_are_user_errors(kwargs, words):
 class ScriptedModel(torch.nn.Module):
     """The engine's model interface with one-hot logits: after prompt P it emits scripts[P], then <|im_end|>."""
 
-    def __init__(self, vocab_size: int, scripts: dict[tuple, list[int]]):
+    def __init__(self, vocab_size: int, scripts: dict[tuple, list[int]], seq_len: int = 256):
         super().__init__()
-        self.config = SimpleNamespace(vocab_size=vocab_size, seq_len=256)
+        self.config = SimpleNamespace(vocab_size=vocab_size, seq_len=seq_len)
         self.anchor = torch.nn.Parameter(torch.zeros(1))
-        self.scripts, self.prompt_of = scripts, {}
+        self.scripts, self.prompt_of = scripts, {}  # a prompt without a script raises KeyError
 
     def new_kv_cache(self, slots, max_len=None, dtype=None):
-        return KVCache(1, slots, 1, max_len or 256, 2)
+        return KVCache(1, slots, 1, max_len or self.config.seq_len, 2)
 
     def forward_cached(self, idx, cache, slots, last_only=False):
         logits = torch.zeros(idx.size(0), 1, self.config.vocab_size)

@@ -18,7 +18,6 @@ Skips (with the reason) when playwright, fastapi/uvicorn or chromium is missing.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ pytest.importorskip("fastapi", reason="fastapi is not installed")
 pytest.importorskip("uvicorn", reason="uvicorn is not installed")
 from test_cli_chat import TEXT, save_run  # noqa: E402
 from test_server import ScriptedModel, metric  # noqa: E402
+from test_ui import browser, send  # noqa: E402, F401  (browser: the shared chromium fixture; skips without it)
 
 from chatsmith.cli import LoadConfig, load_chat_model  # noqa: E402
 from chatsmith.engine import Engine, SamplingParams  # noqa: E402
@@ -37,30 +37,16 @@ from chatsmith.tokenizer import Tokenizer  # noqa: E402
 
 expect = sync_api.expect
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
 MAX_TOKENS = 200
 THROTTLE = 0.01  # seconds per forward of the served model: a 200-token reply takes >= 2 s
 XSS = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script> **bold** [x](javascript:window.__xss=3)'
 BG = "getComputedStyle(document.body).backgroundColor"
 CONVERSATIONS = "JSON.parse(localStorage.getItem('chatsmith.conversations.v1'))"
 
-if CHROMIUM is None:
-    pytest.skip("Debian chromium is not installed (apt-get install chromium)", allow_module_level=True)
-
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
     return Tokenizer.train([TEXT * 3] * 20, 300, show_progress=False)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield b
-        b.close()
 
 
 @pytest.fixture
@@ -81,7 +67,7 @@ def serve():
 
 
 @pytest.fixture
-def open_page(browser):
+def open_page(browser):  # noqa: F811 (the fixture imported from test_ui)
     """open_page(url, model_id) -> a fresh page (own localStorage) on the server's UI; fails the test on a JS error."""
     contexts, errors = [], []
 
@@ -102,11 +88,6 @@ def open_page(browser):
     for ctx in contexts:
         ctx.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
-
-
-def send(page, text: str) -> None:
-    page.fill("#input", text)
-    page.press("#input", "Enter")
 
 
 def wait_idle(page) -> None:
