@@ -140,24 +140,33 @@ def prepare_documents(data: config.DataConfig, doc_dir: Path) -> dict:
     doc_dir.mkdir(parents=True, exist_ok=True)
     for tmp in doc_dir.glob(".*.tmp"):  # left by an interrupted run
         tmp.unlink(missing_ok=True)
-    splits = {}
-    for split in SPLITS:
-        path = doc_dir / f"{split}.jsonl"
-        counts = {"docs": 0, "text_bytes": 0}
-
-        def write(f, split=split, counts=counts):
-            with progress(desc=f"documents {split}", unit="doc") as bar:  # closed before any error is printed
-                for doc in sources.iter_documents(data, split):
+    # one pass over the sources writes both splits (each source is read and parsed once)
+    paths = {split: doc_dir / f"{split}.jsonl" for split in SPLITS}
+    tmps = {split: path.with_name(f".{path.name}.{os.getpid()}.tmp") for split, path in paths.items()}
+    counts = {split: {"docs": 0, "text_bytes": 0} for split in SPLITS}
+    try:
+        with contextlib.ExitStack() as stack:
+            files = {split: stack.enter_context(open(tmp, "wb")) for split, tmp in tmps.items()}
+            with progress(desc="documents", unit="doc") as bar:  # closed before any error is printed
+                for split, doc in sources.iter_split_documents(data):
                     line = json.dumps({"text": doc.text, "source": doc.source}, ensure_ascii=False) + "\n"
-                    f.write(line.encode("utf-8"))
-                    counts["docs"] += 1
-                    counts["text_bytes"] += len(doc.text.encode("utf-8"))
+                    files[split].write(line.encode("utf-8"))
+                    counts[split]["docs"] += 1
+                    counts[split]["text_bytes"] += len(doc.text.encode("utf-8"))
                     bar.update(1)
-
-        _write_synced(path, write)
-        if counts["docs"] == 0:
-            raise UserError(f"the {split} split has no documents; add documents to --sources or change --val-fraction")
-        splits[split] = {**counts, "bytes": path.stat().st_size}
+            for f in files.values():
+                f.flush()
+                os.fsync(f.fileno())
+        for split in SPLITS:
+            if counts[split]["docs"] == 0:
+                raise UserError(f"the {split} split has no documents; add documents to --sources or change "
+                                f"--val-fraction")
+        for split in SPLITS:
+            os.replace(tmps[split], paths[split])
+    finally:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+    splits = {split: {**counts[split], "bytes": paths[split].stat().st_size} for split in SPLITS}
     fsync_dir(doc_dir)
     index = {"data_hash": want, "data": dataclasses.asdict(data), "splits": splits}
     atomic_write_json(index_path, index)

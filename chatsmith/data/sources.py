@@ -360,12 +360,18 @@ def iter_source(spec: str, text_field: str = "text", max_docs: int = 0) -> Itera
 
 
 def iter_documents(data: DataConfig, split: str) -> Iterator[Document]:
-    """The `split` ('train' or 'val') documents of `data.sources`, exact duplicates removed (first one kept).
+    """The `split` ('train' or 'val') documents of `data.sources` (see `iter_split_documents`)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    return (doc for doc_split, doc in iter_split_documents(data) if doc_split == split)
+
+
+def iter_split_documents(data: DataConfig) -> Iterator[tuple[str, Document]]:
+    """(split, document) for every document of `data.sources`, exact duplicates removed (first one kept); split is
+    'train' or 'val' by the hash of the text.
 
     `max_docs` counts unique documents per source, before the split, so both splits come from the same documents.
     Raises UserError when the sources hold no document at all."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
     if not 0.0 <= data.val_fraction < 1.0:
         raise UserError(f"--val-fraction must be in [0, 1), not {data.val_fraction}")
     seen: set[bytes] = set()
@@ -379,8 +385,7 @@ def iter_documents(data: DataConfig, split: str) -> Iterator[Document]:
             seen.add(h)
             taken += 1
             total += 1
-            if split_of(text, data.val_fraction) == split:
-                yield Document(text, spec)
+            yield split_of(text, data.val_fraction), Document(text, spec)
             if data.max_docs and taken >= data.max_docs:
                 break
     if total == 0:
