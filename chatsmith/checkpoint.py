@@ -42,6 +42,7 @@ Notable choices:
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime
 import errno
 import hashlib
@@ -83,6 +84,17 @@ class Checkpoint:
     state: dict  # JSON-able training state (loop, loader, ...)
     rng: dict | None  # capture_rng() output, for restore_rng()
     meta: dict  # meta.json
+
+    def model_config(self):
+        """The resolved `ModelConfig` recorded in meta.json (`config.model`, written by pretrain and sft)."""
+        from .model import ModelConfig
+
+        saved = self.meta.get("config", {}).get("model")
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{self.path / META_FILE} holds no config.model, so the model shape is unknown; "
+                                  f"load a checkpoint written by chatsmith")
+        names = {f.name for f in dataclasses.fields(ModelConfig)}
+        return ModelConfig(**{k: v for k, v in saved.items() if k in names}).resolve()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ run; one request, 60-token prompt, 64 sampled tokens, median of 3 interleaved ru
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -110,7 +109,7 @@ def load_chat_model(cfg: LoadConfig) -> LoadedModel:
 
     from . import checkpoint as ckpt
     from .common import autocast_dtype, device_type
-    from .model import GPT, ModelConfig
+    from .model import GPT
     from .tokenizer import Tokenizer
 
     device = device_type(cfg.device)
@@ -135,12 +134,7 @@ def load_chat_model(cfg: LoadConfig) -> LoadedModel:
         if not is_chat:
             log(f"warning: run {run.name} has no chat checkpoint yet, so this is the base model {ck.path.name}: it "
                 f"continues text rather than answering; run `chatsmith sft` for a chat model")
-    saved = ck.meta.get("config", {}).get("model")
-    if not isinstance(saved, dict):
-        raise UserError(f"{ck.path / 'meta.json'} holds no config.model, so the model shape is unknown; load a "
-                        f"checkpoint written by chatsmith")
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    mcfg = ModelConfig(**{k: v for k, v in saved.items() if k in names}).resolve()
+    mcfg = ck.model_config()
     tokenizer = Tokenizer.load(run / "tokenizer")
     if tokenizer.vocab_size > mcfg.vocab_size:
         raise UserError(f"the tokenizer in {run / 'tokenizer'} has {tokenizer.vocab_size} ids but the model only "

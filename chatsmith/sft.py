@@ -62,11 +62,7 @@ def base_model(run, run_name: str) -> tuple[ModelConfig, checkpoint.Checkpoint]:
     if base is None:
         raise UserError(f"run {run_name!r} has no base model; run `chatsmith pretrain --run {run_name}` (or "
                         f"`chatsmith speedrun`) first")
-    saved = base.meta.get("config", {}).get("model")
-    if not isinstance(saved, dict):
-        raise UserError(f"{base.path} has no model config in its meta.json; it was not written by chatsmith pretrain")
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in saved.items() if k in names}).resolve(), base
+    return base.model_config(), base
 
 
 @torch.no_grad()

@@ -426,3 +426,16 @@ def test_no_torch_load_without_weights_only_in_package():
     offenders = [f"{f.relative_to(pkg.parent)}:{line}" for f in files
                  for line in unsafe_torch_loads(f.read_text(encoding="utf-8"))]
     assert offenders == [], f"torch.load without weights_only=True (pickle can run code): {offenders}"
+
+
+def test_model_config_comes_from_meta(tmp_path):
+    from dataclasses import asdict
+
+    from chatsmith.model import ModelConfig
+
+    cfg = ModelConfig(depth=2, aspect=32, head_dim=32, vocab_size=300).resolve()
+    checkpoint.save(tmp_path / "a", 1, {"w": torch.zeros(1)}, meta={"config": {"model": {**asdict(cfg), "old": 1}}})
+    assert checkpoint.load_latest(tmp_path / "a").model_config() == cfg  # unknown keys ignored
+    checkpoint.save(tmp_path / "b", 1, {"w": torch.zeros(1)}, meta={"config": {}})
+    with pytest.raises(checkpoint.CheckpointError, match="holds no config.model"):
+        checkpoint.load_latest(tmp_path / "b").model_config()
