@@ -82,13 +82,6 @@ def evaluate(model: GPT, batches: Iterable, token_bytes: torch.Tensor, device: s
     return {"bpb": nats / (math.log(2) * nbytes), "loss": nats / ntokens}
 
 
-def evaluate_bpb(model: GPT, shard_dir: Path, token_bytes: torch.Tensor, batch_size: int, seq_len: int,
-                 max_tokens: int, device: str, dtype) -> float:
-    """Bits per byte on the first `max_tokens` of the validation shards in `shard_dir`."""
-    return evaluate(model, iter_val_batches(shard_dir, batch_size, seq_len, max_tokens), token_bytes, device,
-                    dtype)["bpb"]
-
-
 @torch.no_grad()
 def sample(model: GPT, tok: Tokenizer, prompt: str | list[int], max_new_tokens: int, device: str,
            temperature: float = 0.8, seed: int = 0, stop_ids: tuple[int, ...] | None = None) -> str:

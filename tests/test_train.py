@@ -142,7 +142,7 @@ def test_smoke_pretraining_learns(prepared, monkeypatch):
     assert [(r["step"], r["prompt"]) for r in samples] == [(s, p) for s in (10, 20, 30) for p in train.SAMPLE_PROMPTS]
 
 
-def test_evaluate_bpb_matches_brute_force(prepared):
+def test_evaluate_bpb_matches_brute_force(prepared):  # train.evaluate's bits per byte
     from chatsmith.data.shards import iter_val_batches
     from chatsmith.model import GPT
     from chatsmith.tokenizer import Tokenizer
@@ -153,7 +153,7 @@ def test_evaluate_bpb_matches_brute_force(prepared):
     torch.manual_seed(0)
     model = GPT.build(mcfg)
     tb = tok.token_bytes()
-    got = train.evaluate_bpb(model, run / "shards" / "val", tb, 2, mcfg.seq_len, 1024, "cpu", None)
+    got = train.evaluate(model, iter_val_batches(run / "shards" / "val", 2, mcfg.seq_len, 1024), tb, "cpu", None)["bpb"]
     nats, nbytes = 0.0, 0
     with torch.no_grad():
         for x, y in iter_val_batches(run / "shards" / "val", 2, mcfg.seq_len, 1024):
