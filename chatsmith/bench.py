@@ -1,6 +1,7 @@
 """Benchmarks: JSON out, every number beside a baseline measured in the same process run.
 
     chatsmith bench train --json      # tokens/s, model FLOP/s and MFU on bench-ref, beside HF transformers + AdamW
+                                      # and beside the step's matmuls + attention alone (the kernel floor)
     chatsmith bench data --json       # data prepare throughput in MB/s, 1 worker beside N workers
     chatsmith bench decode --json     # greedy decode tok/s on bench-ref beside HF generate; 8 sequences batched
 
@@ -56,6 +57,7 @@ class TrainBenchConfig:
     threads: int = opt(0, "torch intra-op threads; 0 leaves torch's default")
     precision: str = opt("auto", "auto (bf16 where the hardware has it), bf16 or fp32, for both contenders")
     hf: bool = opt(True, "also time HF transformers Qwen3ForCausalLM + torch.optim.AdamW (needs transformers)")
+    floor: bool = opt(True, "also time the step's matmuls and attention alone (kernel_floor): the bound on any speedup")
     json: bool = opt(False, "print JSON on stdout")
 
 
@@ -84,6 +86,44 @@ def _hf_contender(model_cfg: ModelConfig, chatsmith_model):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
+
+    return step
+
+
+def _kernel_floor(model, batch: int, dtype):
+    """A step of bench-ref reduced to its unavoidable kernels, on random data: each nn.Linear's three matmuls
+    (forward, input gradient, weight gradient) over the batch's B*T rows, lm_head in the loss's 512-row chunks, and
+    causal SDPA forward + backward per layer; no norms, activations, softmax of the loss or optimizer. No trainer built
+    on these torch CPU kernels takes a step faster, so hf_step / floor_step bounds the speedup any such trainer can show
+    against the HF baseline. dtype: the contenders' autocast dtype (None = fp32)."""
+    import torch
+    import torch.nn.functional as F
+
+    cfg, rows, dt = model.config, batch * model.config.seq_len, dtype or torch.float32
+    chunk = min(512, rows)
+    linears = [m.weight.detach().to(dt) for block in model.blocks for m in block.modules()
+               if isinstance(m, torch.nn.Linear)]
+    acts = {n: torch.randn(rows, n, dtype=dt) for w in linears for n in w.shape}  # (B*T, n) inputs and output grads
+    head = model.head_weight().detach().to(dt)  # (V, C)
+    head_x, head_g = torch.randn(chunk, cfg.n_embd, dtype=dt), torch.randn(chunk, cfg.vocab_size, dtype=dt)
+    head_grad = torch.zeros_like(head)
+    qkv = [torch.randn(batch, h, cfg.seq_len, cfg.head_dim, dtype=dt, requires_grad=True)
+           for h in (cfg.n_head, cfg.n_kv_head, cfg.n_kv_head)]  # (B, heads, T, head_dim)
+    grad_attn = torch.randn(batch, cfg.n_head, cfg.seq_len, cfg.head_dim, dtype=dt)
+
+    def step(x, y):
+        for w in linears:  # w (out, in)
+            x_in, g_out = acts[w.size(1)], acts[w.size(0)]
+            F.linear(x_in, w)
+            g_out @ w
+            g_out.t() @ x_in
+        for _ in range(0, rows, chunk):
+            F.linear(head_x, head)
+            head_g @ head
+            head_grad.addmm_(head_g.t(), head_x)  # accumulated over chunks, as the loss does
+        for _ in range(cfg.depth):
+            y = F.scaled_dot_product_attention(*qkv, is_causal=True, enable_gqa=cfg.n_kv_head != cfg.n_head)
+            y.backward(grad_attn)
 
     return step
 
@@ -126,6 +166,8 @@ def train_main(cfg: TrainBench) -> dict:
                 return hf_step(x, y)
 
         contenders["hf_transformers"] = hf_autocast_step
+    if b.floor:
+        contenders["kernel_floor"] = _kernel_floor(model, b.batch, dtype)
 
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, mcfg.vocab_size, (b.batch, mcfg.seq_len + 1), generator=gen)
@@ -158,6 +200,8 @@ def train_main(cfg: TrainBench) -> dict:
     result["chatsmith_model_flops"] = flops_per_token * result["chatsmith_tok_s"]
     if "hf_transformers" in times:
         result["speedup_vs_hf"] = result["chatsmith_tok_s"] / result["hf_transformers_tok_s"]
+        if "kernel_floor" in times:
+            result["max_speedup_vs_hf"] = result["kernel_floor_tok_s"] / result["hf_transformers_tok_s"]
     emit(result, b.json)
     return result
 
@@ -404,6 +448,8 @@ def decode_main(cfg: DecodeBench) -> dict:
         result["matching_prefix"] = min(next((i for i, (x, y) in enumerate(zip(a, c)) if x != y), len(a))
                                         for a, c in zip(ours, theirs))
         result["speedup_vs_hf"] = result["chatsmith_tok_s"] / result["hf_transformers_tok_s"]
+        if "kernel_floor" in times:
+            result["max_speedup_vs_hf"] = result["kernel_floor_tok_s"] / result["hf_transformers_tok_s"]
     emit(result, b.json)
     return result
 

@@ -102,3 +102,29 @@ def test_flags_and_errors():
     assert (cfg.bench.new_tokens, cfg.bench.threads, cfg.bench.hf, cfg.bench.json) == (4, 2, False, True)
     with pytest.raises(UserError, match="--new-tokens"):
         bench.decode_main(bench.DecodeBench(bench.DecodeBenchConfig(**{**TINY, "new_tokens": 0})))
+
+
+def test_train_json_arithmetic_and_floor(capsys):
+    """bench train on bench-ref, one sequence per step: the reported rates follow from the step times, and the
+    kernel floor runs exactly the model's matmuls (same FLOPs as a forward + backward of the model, counted by
+    torch's FlopCounterMode; neither count includes attention, which the counter does not see on CPU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = bench.TrainBench(bench.TrainBenchConfig(batch=1, warmup=1, steps=2, precision="fp32", json=True))
+    r = bench.train_main(cfg)
+    assert json.loads(capsys.readouterr().out) == r
+    tokens = r["batch"] * r["seq_len"]
+    for name in ("chatsmith", "hf_transformers", "kernel_floor"):
+        assert r[f"{name}_step_s"] > 0
+        assert math.isclose(r[f"{name}_tok_s"], tokens / r[f"{name}_step_s"])
+        assert math.isclose(r[f"{name}_mfu_fp32"], r["flops_per_token"] * r[f"{name}_tok_s"] / r["peak_fp32_flops"])
+    assert math.isclose(r["speedup_vs_hf"], r["chatsmith_tok_s"] / r["hf_transformers_tok_s"])
+    assert math.isclose(r["max_speedup_vs_hf"], r["kernel_floor_tok_s"] / r["hf_transformers_tok_s"])
+
+    model = GPT.build(bench.bench_ref().resolve())
+    x = torch.randint(0, model.config.vocab_size, (1, model.config.seq_len))
+    with FlopCounterMode(display=False) as model_count:
+        model(x, x).backward()
+    with FlopCounterMode(display=False) as floor_count:
+        bench._kernel_floor(model, 1, None)(x, x)
+    assert floor_count.get_total_flops() == model_count.get_total_flops() > 0
