@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .common import UserError
+from .common import UserError, log
 
 # command -> (module, function, config class as "module:Name", one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -73,11 +73,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.parse(stage_cls, rest, prog=f"chatsmith {name}", description=help_text)
         result = getattr(importlib.import_module(module), func)(cfg)
     except UserError as e:
-        print(f"chatsmith {name}: error: {e}", file=sys.stderr)
+        log(f"chatsmith {name}: error: {e}")  # under torchrun every rank meets it: rank 0 says it
         return 2
     except KeyboardInterrupt:
-        print(f"chatsmith {name}: interrupted; rerun the same command to resume", file=sys.stderr)
+        log(f"chatsmith {name}: interrupted; rerun the same command to resume")
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # under torchrun: leave the process group cleanly
+            from .distributed import shutdown
+
+            shutdown()
     return result if isinstance(result, int) else 0
 
 

@@ -63,7 +63,7 @@ class LoadConfig:
 
 @dataclass(frozen=True)
 class ChatConfig:
-    prompt: str = opt("", "one-shot: answer this prompt, print the reply and exit", short="-p")
+    prompt: str = opt("", "one-shot: answer this prompt, print the reply and exit", alias="-p")
     system: str = opt("", "system prompt")
     temperature: float = opt(0.6, "sampling temperature; 0 = greedy")
     top_k: int = opt(50, "sample from the k most likely tokens; 0 = off")

@@ -23,11 +23,12 @@ from .common import UserError, atomic_write_json
 from .model import ModelConfig
 
 
-def opt(default, help: str, short: str = ""):
-    """A dataclass field with a default, the help text its command-line flag shows, and an optional short flag."""
+def opt(default, help: str, alias: str = ""):
+    """A dataclass field with a default, the help text its command-line flag shows, and an optional second flag
+    (a short one like -p, or another long name)."""
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple for sequence defaults: configs are frozen")
-    return field(default=default, metadata={"help": help, "short": short})
+    return field(default=default, metadata={"help": help, "alias": alias})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -36,7 +37,8 @@ def opt(default, help: str, short: str = ""):
 
 @dataclass(frozen=True)
 class RunConfig:
-    run: str = opt("", "run name under $CHATSMITH_HOME/runs; default: the preset name")
+    run: str = opt("", "run name under $CHATSMITH_HOME/runs; default: the preset name (under torchrun write "
+                       "--run-name: torchrun's own --run-path makes --run ambiguous to it)", alias="--run-name")
     preset: str = opt("cpu", "preset: smoke (tests, seconds) or cpu (the CPU speedrun, minutes)")
     seed: int = opt(1337, "random seed for everything")
 
@@ -82,7 +84,8 @@ class OptimConfig:
 class TrainConfig:
     steps: int = opt(1000, "optimizer steps")
     device_batch: int = opt(8, "sequences per forward pass")
-    batch_tokens: int = opt(0, "tokens per optimizer step (gradient accumulation); 0 means one forward pass")
+    batch_tokens: int = opt(0, "tokens per optimizer step over all processes (gradient accumulation makes up the "
+                               "rest); 0 means one forward pass per process")
     eval_every: int = opt(100, "steps between validation bits-per-byte evaluations; 0 turns them off")
     eval_tokens: int = opt(65536, "validation tokens per evaluation")
     ckpt_every: int = opt(200, "steps between checkpoints (one is always written at the end)")
@@ -240,7 +243,7 @@ def build_parser(stage_cls, prog: str, description: str = "") -> argparse.Argume
             kind = hints[f.name]
             help_text = f.metadata.get("help", "") + f" (default: {getattr(defaults[section], f.name)!r})"
             dest = f"{section}.{f.name}"
-            flags = [flag, *([f.metadata["short"]] if f.metadata.get("short") else [])]
+            flags = [flag, *([f.metadata["alias"]] if f.metadata.get("alias") else [])]
             if kind is bool:
                 group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, help=help_text)
             elif typing.get_origin(kind) is tuple:

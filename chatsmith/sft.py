@@ -25,8 +25,8 @@ import unicodedata
 
 import torch
 
-from . import checkpoint, config
-from .common import UserError, atomic_write_json, log, progress, run_dir
+from . import checkpoint, config, distributed
+from .common import UserError, atomic_write_json, is_rank0, log, progress, run_dir
 from .config import SFTStage
 from .data import chat
 from .model import GPT, ModelConfig
@@ -122,7 +122,9 @@ def main(cfg: SFTStage) -> dict:
     if ck is None:
         model.load_state_dict(base.model)
         log(f"sft: starting from the base model {base.path.name}")
-    loader = chat.ChatLoader(train_rows, tc.device_batch, mcfg.seq_len, seed=cfg.run.seed)
+    dist = distributed.env()
+    loader = chat.ChatLoader(train_rows, tc.device_batch, mcfg.seq_len, seed=cfg.run.seed, rank=dist.rank,
+                             world_size=dist.world_size)
     val_batches = max(1, tc.eval_tokens // (tc.device_batch * mcfg.seq_len))
     stop_ids = (tok.special_id("<|im_end|>"), tok.bos_id)
 
@@ -138,7 +140,7 @@ def main(cfg: SFTStage) -> dict:
 
     checks_path = out / "chat_checks.json"
     cc = cfg.checks
-    if cc.check_prompts and not (ck is not None and ck.step >= tc.steps and checks_path.exists()):
+    if is_rank0() and cc.check_prompts and not (ck is not None and ck.step >= tc.steps and checks_path.exists()):
         # a larger draw of held-out conversations than validation uses, for enough prompts of both languages
         more = dataclasses.replace(cfg.sft, val_convs=max(cfg.sft.val_convs, cc.check_prompts))
         room = min(cc.check_max_tokens, mcfg.seq_len // 4)  # a prompt must leave this much context for its reply

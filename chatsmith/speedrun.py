@@ -2,11 +2,13 @@
 
     chatsmith speedrun                    # preset cpu: minutes on 2 cores
     chatsmith speedrun --preset smoke     # seconds; what the tests run
+    torchrun --standalone --nproc_per_node=2 -m chatsmith speedrun    # data parallel (see distributed.py)
 
 Stages: documents + tokenizer (`tokenizer train`) → token shards (`data prepare`) → pretraining (`pretrain`) →
 chat fine-tuning (`sft`, with reply checks) → samples; then `chatsmith chat` talks to the result. Each stage skips
 work already done in the run directory, so rerunning after an interruption continues where it stopped (pretraining
-and SFT resume from their latest checkpoints).
+and SFT resume from their latest checkpoints). Under torchrun, rank 0 alone trains the tokenizer and writes the
+shards while the others wait; training is data parallel; the reply checks run on rank 0.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import dataclasses
 import json
 import time
 
-from . import config
-from .common import log, run_dir
+from . import config, distributed
+from .common import device_type, log, run_dir
 
 
 def main(cfg: config.SpeedrunStage) -> dict:
@@ -25,16 +27,19 @@ def main(cfg: config.SpeedrunStage) -> dict:
 
     run = run_dir(cfg.run.run)
     log(f"speedrun: preset {cfg.run.preset!r}, run directory {run}")
-    config.save(cfg, run / "config.json", "speedrun")
+    dist = distributed.init(device_type(cfg.train.device))  # under torchrun: rank 0 makes the tokenizer and shards
     timings: dict[str, float] = {}
 
-    t0 = time.perf_counter()
-    tokenizer.train_main(config.TokenizerStage(run=cfg.run, data=cfg.data, tokenizer=cfg.tokenizer))
-    timings["tokenizer"] = time.perf_counter() - t0
+    def prepare() -> None:
+        config.save(cfg, run / "config.json", "speedrun")
+        t0 = time.perf_counter()
+        tokenizer.train_main(config.TokenizerStage(run=cfg.run, data=cfg.data, tokenizer=cfg.tokenizer))
+        timings["tokenizer"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        shards.main(config.DataStage(run=cfg.run, data=cfg.data, shards=cfg.shards))
+        timings["data"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    shards.main(config.DataStage(run=cfg.run, data=cfg.data, shards=cfg.shards))
-    timings["data"] = time.perf_counter() - t0
+    distributed.rank0_first(prepare, dist)
 
     t0 = time.perf_counter()
     train_cfg = dataclasses.replace(cfg.train, resume=True)

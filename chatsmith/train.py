@@ -28,12 +28,13 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, config
+from . import checkpoint, config, distributed
 from .common import (
     UserError,
     atomic_write_text,
     autocast_dtype,
     device_type,
+    is_rank0,
     log,
     matmul_peak_flops,
     progress,
@@ -60,15 +61,19 @@ def autocast(device: str, dtype):
 
 
 @torch.no_grad()
-def evaluate(model: GPT, batches: Iterable, token_bytes: torch.Tensor, device: str, dtype) -> dict[str, float]:
+def evaluate(model: GPT, batches: Iterable, token_bytes: torch.Tensor, device: str, dtype,
+             dist: distributed.Dist = distributed.Dist()) -> dict[str, float]:
     """Validation on (x, y) batches: bits per byte = summed cross-entropy (nats) / (ln 2 * UTF-8 bytes of the
     targets), and the mean loss per target token. Targets -1 and special tokens (0 bytes) count in neither sum, so
-    bpb does not depend on how documents are delimited and is comparable across tokenizers."""
+    bpb does not depend on how documents are delimited and is comparable across tokenizers. Under torchrun each rank
+    scores every world_size-th batch and the sums are added up: the same numbers as one process."""
     was_training = model.training
     model.eval()
     nats, nbytes, ntokens = 0.0, 0, 0
     token_bytes = token_bytes.to(device)
-    for x, y in batches:
+    for i, (x, y) in enumerate(batches):
+        if i % dist.world_size != dist.rank:
+            continue
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
             loss = model(x, y, reduction="none")  # (B, T) nats per target
@@ -77,6 +82,7 @@ def evaluate(model: GPT, batches: Iterable, token_bytes: torch.Tensor, device: s
         nbytes += int(b.sum())
         ntokens += int((b > 0).sum())
     model.train(was_training)
+    nats, nbytes, ntokens = distributed.all_reduce([nats, nbytes, ntokens], dist)
     if nbytes == 0:
         raise UserError("the validation data holds no text to score; rebuild it (`chatsmith data prepare`)")
     return {"bpb": nats / (math.log(2) * nbytes), "loss": nats / ntokens}
@@ -108,10 +114,14 @@ def sample(model: GPT, tok: Tokenizer, prompt: str | list[int], max_new_tokens: 
 
 
 class MetricsLog:
-    """metrics.jsonl: appended line by line; on resume, lines past the checkpoint's step are dropped first."""
+    """metrics.jsonl: appended line by line; on resume, lines past the checkpoint's step are dropped first. Written
+    by rank 0 alone (elsewhere `write` does nothing)."""
 
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
+        self.f = None
+        if not is_rank0():
+            return
         if resume_step is None:
             atomic_write_text(path, "")
         elif path.exists():
@@ -129,11 +139,13 @@ class MetricsLog:
         self.f = open(path, "a", encoding="utf-8")
 
     def write(self, **rec) -> None:
-        self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        self.f.flush()
+        if self.f is not None:
+            self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            self.f.flush()
 
     def close(self) -> None:
-        self.f.close()
+        if self.f is not None:
+            self.f.close()
 
 
 class StopRequest:
@@ -218,41 +230,59 @@ def fit(job: Job) -> dict:
     ckroot = job.out / "checkpoints"
     device = next(model.parameters()).device.type
     dtype = autocast_dtype(device, tc.precision)
+    dist = distributed.env()
     opt = build_optimizer(model, job.optim)
     ck = job.resume
     step = 0
     if ck is not None:
         model.load_state_dict(ck.model)
         opt.load_state_dict(ck.optimizer)
-        loader.load_state_dict(ck.state["loader"])
-        if ck.rng:
-            checkpoint.restore_rng(ck.rng)
+        loader_state, rng = ck.state["loader"], ck.rng
+        ranks = ck.state.get("ranks", [{"loader": loader_state, "rng": rng}])  # one per process that wrote it
+        if len(ranks) != dist.world_size:
+            raise UserError(f"the checkpoint {ck.path.name} was written by {len(ranks)} process(es); resume it "
+                            f"with as many (torchrun --nproc_per_node={len(ranks)}) to continue it exactly")
+        loader.load_state_dict(ranks[dist.rank]["loader"])
+        if ranks[dist.rank]["rng"]:
+            checkpoint.restore_rng(ranks[dist.rank]["rng"])
         step = ck.step
         log(f"{job.name}: resuming run {job.run.run!r} from {ck.path.name} (step {step})")
-    step_model = torch.compile(model) if tc.compile else model
+    step_model = distributed.wrap(model, dist)  # DDP under torchrun, the model itself otherwise
+    step_model = torch.compile(step_model) if tc.compile else step_model
 
-    rows_per_step = max(1, tc.batch_tokens // (tc.device_batch * mcfg.seq_len)) if tc.batch_tokens else 1
-    tokens_per_step = rows_per_step * tc.device_batch * mcfg.seq_len
+    per_rank = tc.device_batch * mcfg.seq_len * dist.world_size  # tokens of one micro-batch on every rank
+    if tc.batch_tokens % per_rank:
+        raise UserError(f"--batch-tokens {tc.batch_tokens} is not a multiple of --device-batch x seq_len x "
+                        f"processes = {per_rank}; use a multiple of it, or 0 for one forward pass per process")
+    rows_per_step = tc.batch_tokens // per_rank or 1
+    tokens_per_step = rows_per_step * per_rank
     flops_per_token = model.flops_per_token()
     peak = matmul_peak_flops("bfloat16" if dtype is not None else "float32", device=device)
     metrics = MetricsLog(job.out / "metrics.jsonl", resume_step=step if ck is not None else None)
     last_bpb = (read_metrics(job.out, "val") or [{}])[-1].get("val_bpb")
     log(f"{job.name}: {model.num_params() / 1e6:.2f}M params ({model.num_params(non_embedding=True) / 1e6:.2f}M "
         f"non-embedding), {flops_per_token / 1e6:.1f} MFLOPs/token; {tokens_per_step} tokens/step; "
-        f"{'bf16 autocast' if dtype is not None else 'fp32'} on {device}")
+        f"{'bf16 autocast' if dtype is not None else 'fp32'} on {device}"
+        + (f" x {dist.world_size} processes" if dist.enabled else ""))
 
     def save(at: int) -> None:
-        checkpoint.save(ckroot, at, model.state_dict(), optimizer=opt.state_dict(),
-                        state={"loader": loader.state_dict()},
-                        meta={"config": job.saved_config, "kind": job.name, "tokens": at * tokens_per_step},
-                        keep_last=tc.keep_last)
+        state = {"loader": loader.state_dict()}
+        if dist.enabled:  # every rank's place in its data and its RNG, for an exact resume with as many processes
+            state["ranks"] = distributed.gather({"loader": state["loader"], "rng": checkpoint.capture_rng()}, dist)
+        checkpoint.save(ckroot, at, model.state_dict(), optimizer=opt.state_dict(), state=state,
+                        meta={"config": job.saved_config, "kind": job.name, "tokens": at * tokens_per_step,
+                              "world_size": dist.world_size},
+                        keep_last=tc.keep_last)  # writes on rank 0 only
+        distributed.barrier(dist)  # nobody reads a checkpoint (the next stage) before it is complete
 
     def validate(at: int) -> float:
-        result = evaluate(model, job.val_batches(), job.token_bytes, device, dtype)
+        result = evaluate(model, job.val_batches(), job.token_bytes, device, dtype, dist)
         metrics.write(kind="val", step=at, val_bpb=result["bpb"], val_loss=result["loss"])
         return result["bpb"]
 
     def samples(at: int) -> None:
+        if not is_rank0():
+            return
         for prompt, text in job.samples(model, job.run.seed):
             metrics.write(kind="sample", step=at, prompt=prompt, text=text)
             log(f"  sample | {prompt} → {text!r}")
@@ -265,13 +295,18 @@ def fit(job: Job) -> dict:
             apply_schedules(opt, step, tc.steps, job.optim)
             t0 = time.perf_counter()
             loss_sum = 0.0
-            for _ in range(rows_per_step):
+            for i in range(rows_per_step):
                 x, y = loader.next_batch()
                 x, y = x.to(device), y.to(device)
-                with autocast(device, dtype):
-                    loss = step_model(x, y)
-                (loss / rows_per_step).backward()
+                with distributed.no_sync(step_model, skip=i < rows_per_step - 1):  # average once, at the last
+                    with autocast(device, dtype):
+                        loss = step_model(x, y)
+                    (loss / rows_per_step).backward()
                 loss_sum += loss.item()
+            stopping = stop.requested  # decided here, once per step: under torchrun by all ranks together
+            if dist.enabled:  # the mean loss over ranks, and whether any rank was asked to stop
+                loss_sum, stop_any = distributed.all_reduce([loss_sum / dist.world_size, stopping], dist)
+                stopping = stop_any > 0
             opt.step()
             opt.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
@@ -292,9 +327,9 @@ def fit(job: Job) -> dict:
                 last_bpb = validate(step)
             if step % (tc.sample_every or tc.ckpt_every) == 0 and not last:
                 samples(step)
-            if step % tc.ckpt_every == 0 or last or stop.requested:
+            if step % tc.ckpt_every == 0 or last or stopping:
                 save(step)
-            if stop.requested:
+            if stopping:
                 metrics.close()
                 raise KeyboardInterrupt
     if ck is None or ck.step < tc.steps:
@@ -308,13 +343,16 @@ def fit(job: Job) -> dict:
 
 
 def setup(cfg, run: config.RunConfig, tc: config.TrainConfig, stage: str) -> str:
-    """Device, threads, seed and the saved config of a training stage; returns the device type."""
+    """Device, process group (under torchrun), threads, seed and the saved config of a training stage; returns the
+    device type."""
     device = device_type(tc.device)
     autocast_dtype(device, tc.precision)  # a bad --precision fails here, before any work
+    distributed.init(device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     seed_all(run.seed)
-    config.save(cfg, run_dir(run.run) / "config.json", stage)
+    if is_rank0():
+        config.save(cfg, run_dir(run.run) / "config.json", stage)
     return device
 
 
@@ -334,6 +372,7 @@ def main(cfg: config.PretrainStage) -> dict:
     cfg = dataclasses.replace(cfg, model=mcfg)
     ck = prior_checkpoint(run / "checkpoints", cfg.run.run, tc.resume, dataclasses.asdict(mcfg))
     device = setup(cfg, cfg.run, tc, "pretrain")
+    dist = distributed.env()
 
     def samples(model: GPT, seed: int) -> list[tuple[str, str]]:
         return [(p, sample(model, tok, p, 32, device, seed=seed + i)) for i, p in enumerate(SAMPLE_PROMPTS)]
@@ -341,6 +380,7 @@ def main(cfg: config.PretrainStage) -> dict:
     return fit(Job(
         name="pretrain", run=cfg.run, optim=cfg.optim, train=tc, saved_config=config.to_dict(cfg), out=run,
         model=GPT.build(mcfg, device=device),
-        loader=PackingLoader(run / "shards" / "train", tc.device_batch, mcfg.seq_len),
+        loader=PackingLoader(run / "shards" / "train", tc.device_batch, mcfg.seq_len, rank=dist.rank,
+                             world_size=dist.world_size),
         val_batches=lambda: iter_val_batches(run / "shards" / "val", tc.device_batch, mcfg.seq_len, tc.eval_tokens),
         samples=samples, token_bytes=tok.token_bytes(), resume=ck))

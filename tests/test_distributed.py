@@ -1,0 +1,165 @@
+"""Data parallelism: two gloo processes under torchrun against one process that does the same arithmetic.
+
+The reference is one process with gradient accumulation over two micro-batches, drawn from the loaders of rank 0 and
+rank 1 of two in turn: DDP averages exactly those two gradients, so the per-step losses and the final weights must
+agree up to float summation order. Also: the two-process run stops on SIGTERM at one step boundary on both ranks and
+resumes to the uninterrupted run's losses exactly; a checkpoint written by two processes refuses one; everything
+in distributed.py is a no-op on one process.
+
+    .venv/bin/pytest tests/test_distributed.py -q
+"""
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from test_train import clone_run, losses, prepared  # noqa: F401  (prepared is a fixture)
+
+from chatsmith import checkpoint, config, distributed, train
+from chatsmith.common import UserError
+from chatsmith.data.shards import PackingLoader, iter_val_batches
+from chatsmith.model import GPT
+from chatsmith.tokenizer import Tokenizer
+
+STEPS = ["--steps", "8", "--ckpt-every", "4", "--eval-every", "4", "--eval-tokens", "2048", "--threads", "1"]
+
+
+def torchrun(run, *extra):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "chatsmith",
+            "pretrain", "--preset", "smoke", "--run-name", run, *STEPS, *extra]
+
+
+class TwoRanksInTurn:
+    """The micro-batches of ranks 0 and 1 of a world of 2, alternately: one process, the same data as DDP."""
+
+    def __init__(self, shard_dir, batch, seq_len):
+        self.loaders = [PackingLoader(shard_dir, batch, seq_len, rank=r, world_size=2) for r in range(2)]
+        self.turn = 0
+
+    def next_batch(self):
+        batch = self.loaders[self.turn].next_batch()
+        self.turn = 1 - self.turn
+        return batch
+
+    def state_dict(self):
+        return {"turn": self.turn, "ranks": [ld.state_dict() for ld in self.loaders]}
+
+
+def reference_run(home, name):
+    """One process: the smoke preset with two micro-batches per step taken from the two ranks' loaders."""
+    run = clone_run(home, name)
+    cfg = config.parse(config.PretrainStage, ["--preset", "smoke", "--run", name, *STEPS])
+    tc = cfg.train
+    tok = Tokenizer.load(run / "tokenizer")
+    mcfg = cfg.model.resolve(vocab_size=tok.vocab_size)
+    device = train.setup(cfg, cfg.run, tc, "pretrain")
+    tc = dataclasses.replace(tc, batch_tokens=2 * tc.device_batch * mcfg.seq_len)  # two micro-batches per step
+    model = GPT.build(mcfg, device=device)
+    train.fit(train.Job(
+        name="pretrain", run=cfg.run, optim=cfg.optim, train=tc, saved_config=config.to_dict(cfg), out=run,
+        model=model, loader=TwoRanksInTurn(run / "shards" / "train", tc.device_batch, mcfg.seq_len),
+        val_batches=lambda: iter_val_batches(run / "shards" / "val", tc.device_batch, mcfg.seq_len, tc.eval_tokens),
+        samples=lambda m, seed: [], token_bytes=tok.token_bytes()))
+    return run, model
+
+
+def test_two_processes_match_one_process_doing_the_same_arithmetic(prepared, monkeypatch):  # noqa: F811
+    env = {**os.environ, "CHATSMITH_HOME": str(prepared)}
+    run = clone_run(prepared, "ddp")
+    out = subprocess.run(torchrun("ddp"), env=env, capture_output=True, text=True, timeout=500)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "x 2 processes" in out.stderr
+    got = losses(run)
+    assert [s for s, _ in got] == list(range(1, 9))  # rank 0 alone wrote metrics.jsonl: no duplicate lines
+    ck = checkpoint.load_latest(run / "checkpoints")
+    assert ck.step == 8 and ck.meta["world_size"] == 2 and len(ck.state["ranks"]) == 2
+    assert ck.state["ranks"][0]["loader"]["rank"] == 0 and ck.state["ranks"][1]["loader"]["rank"] == 1
+
+    monkeypatch.setenv("CHATSMITH_HOME", str(prepared))
+    ref_run, ref_model = reference_run(prepared, "ddp_ref")
+    expected = losses(ref_run)
+    assert [s for s, _ in expected] == list(range(1, 9))
+    for (_, a), (_, b) in zip(got, expected, strict=True):
+        assert abs(a - b) <= 1e-4 * abs(b), (got, expected)
+    ref_weights = ref_model.state_dict()
+    for name, t in ck.model.items():
+        torch.testing.assert_close(t, ref_weights[name], rtol=1e-3, atol=1e-5, msg=name)
+    vals = [r["val_bpb"] for r in train.read_metrics(run, "val")]
+    ref_vals = [r["val_bpb"] for r in train.read_metrics(ref_run, "val")]
+    assert len(vals) == 2 and vals == pytest.approx(ref_vals, rel=1e-4)  # val batches split over ranks, sums added
+
+
+def test_two_processes_stop_together_on_sigterm_and_resume_exactly(prepared):  # noqa: F811
+    env = {**os.environ, "CHATSMITH_HOME": str(prepared)}
+    ref = clone_run(prepared, "ddp_whole")
+    subprocess.run(torchrun("ddp_whole"), env=env, check=True, capture_output=True, timeout=500)
+    expected = losses(ref)
+
+    run = clone_run(prepared, "ddp_termed")
+    proc = subprocess.Popen(torchrun("ddp_termed", "--ckpt-every", "1000"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and len(losses(run)) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole group, as a terminal's Ctrl-C or a scheduler would
+    _, err = proc.communicate(timeout=300)
+    done = len(losses(run))
+    assert 2 <= done < 8, err[-3000:]
+    ckpts = checkpoint.list_checkpoints(run / "checkpoints")
+    assert ckpts and ckpts[-1].name == f"step_{done:06d}", (ckpts, done, err[-3000:])
+
+    out = subprocess.run(torchrun("ddp_termed", "--resume"), env=env, capture_output=True, text=True, timeout=500)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming" in out.stderr
+    assert losses(run) == expected  # exact, per step
+
+    one = subprocess.run([sys.executable, "-m", "chatsmith", "pretrain", "--preset", "smoke", "--run", "ddp_termed",
+                          *STEPS, "--steps", "9", "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 2
+    assert "written by 2 process(es)" in one.stderr and "Traceback" not in one.stderr
+
+
+def test_one_process_no_ops():
+    d = distributed.env()
+    assert d == distributed.Dist() and not d.enabled
+    assert distributed.init("cpu") == d
+    model = torch.nn.Linear(2, 2)
+    assert distributed.wrap(model, d) is model
+    assert distributed.all_reduce([1.5, 2.0], d) == [1.5, 2.0]
+    assert distributed.gather({"a": 1}, d) == [{"a": 1}]
+    assert distributed.rank0_first(lambda: 7, d) == 7
+    distributed.barrier(d)
+    with distributed.no_sync(model, skip=True):
+        pass
+
+
+def test_bad_torchrun_environment(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(UserError, match="WORLD_SIZE"):
+        distributed.env()
+
+
+def test_rank0_failure_stops_the_other_rank_with_one_sentence(tmp_path):
+    """speedrun under torchrun: rank 0 alone reads the sources; when that fails, rank 1 does not wait out the
+    collective timeout, and the error is said once."""
+    env = {**os.environ, "CHATSMITH_HOME": str(tmp_path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "chatsmith",
+           "speedrun", "--preset", "smoke", "--run-name", "bad", "--sources", f"local:{tmp_path / 'missing.txt'}"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert out.stderr.count("chatsmith speedrun: error:") == 1, out.stderr[-3000:]
+    assert "missing.txt" in out.stderr
+
+
+def test_batch_tokens_must_divide_evenly(prepared, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("CHATSMITH_HOME", str(prepared))
+    clone_run(prepared, "uneven")
+    cfg = config.parse(config.PretrainStage, ["--preset", "smoke", "--run", "uneven", "--steps", "1",
+                                              "--batch-tokens", "1000"])
+    with pytest.raises(UserError, match="not a multiple"):
+        train.main(cfg)
