@@ -15,7 +15,7 @@ from .common import UserError, log
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "tokenizer train": ("chatsmith.tokenizer", "train_main", "chatsmith.config:TokenizerStage",
                         "train the byte-level BPE tokenizer on the run's documents"),
-    "tokenizer eval": ("chatsmith.tokenizer", "eval_main", "chatsmith.tokenizer:EvalStage",
+    "tokenizer eval": ("chatsmith.tokenizer_eval", "main", "chatsmith.tokenizer_eval:EvalStage",
                        "bytes/token on held-out English and Chinese, beside GPT-2, cl100k and o200k"),
     "data prepare": ("chatsmith.data.shards", "main", "chatsmith.config:DataStage",
                      "tokenize the run's documents into token shards (parallel, resumable)"),
