@@ -2,6 +2,7 @@
 
     chatsmith pretrain --preset cpu               # needs the run's tokenizer and shards (or use `chatsmith speedrun`)
     chatsmith pretrain --preset cpu --resume      # continue from the latest valid checkpoint, bit-exactly
+    torchrun --standalone --nproc_per_node=2 -m chatsmith pretrain --preset cpu   # data parallel (distributed.py)
 
 Per step: `grad_accum` micro-batches of (device_batch, seq_len) tokens from the BOS-aligned packing loader, forward
 under bf16 autocast where the hardware has fast bf16 (CUDA >= sm80, CPUs with AMX; elsewhere fp32, measured in
