@@ -1,7 +1,8 @@
 """Benchmarks: JSON out, every number beside a baseline measured in the same process run.
 
     chatsmith bench train --json      # tokens/s, model FLOP/s and MFU on bench-ref, beside HF transformers + AdamW
-                                      # and beside the step's matmuls + attention alone (the kernel floor)
+                                      # and beside the step's matmuls + attention alone (the kernel floor);
+                                      # peak memory of each trainer's steps, each in a fresh process
     chatsmith bench data --json       # data prepare throughput in MB/s, 1 worker beside N workers
     chatsmith bench decode --json     # greedy decode tok/s on bench-ref beside HF generate; 8 sequences batched
 
@@ -21,6 +22,8 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -58,6 +61,7 @@ class TrainBenchConfig:
     precision: str = opt("auto", "auto (bf16 where the hardware has it), bf16 or fp32, for both contenders")
     hf: bool = opt(True, "also time HF transformers Qwen3ForCausalLM + torch.optim.AdamW (needs transformers)")
     floor: bool = opt(True, "also time the step's matmuls and attention alone (kernel_floor): the bound on any speedup")
+    memory: bool = opt(True, "also measure the peak memory each trainer's steps add, each in a fresh process")
     json: bool = opt(False, "print JSON on stdout")
 
 
@@ -128,23 +132,18 @@ def _kernel_floor(model, batch: int, dtype):
     return step
 
 
-def train_main(cfg: TrainBench) -> dict:
+def _contenders(batch: int, dtype, names: tuple[str, ...]):
+    """bench-ref built once (seed 0) and the step functions named in `names` (chatsmith, hf_transformers,
+    kernel_floor); returns (model, {name: step(x, y)}, (x, y))."""
     import torch
 
-    from .common import autocast_dtype, matmul_peak_flops
     from .config import OptimConfig
     from .model import GPT
     from .optim import build_optimizer
     from .train import autocast
 
-    b = cfg.bench
-    if b.threads:
-        torch.set_num_threads(b.threads)
     torch.manual_seed(0)
     mcfg = bench_ref().resolve()
-    dtype = autocast_dtype("cpu", b.precision)
-    peaks = {"fp32": matmul_peak_flops("float32"), "bf16": matmul_peak_flops("bfloat16")}
-
     model = GPT.build(mcfg, device="cpu")
     optimizer = build_optimizer(model, OptimConfig())
     contenders = {}
@@ -157,8 +156,9 @@ def train_main(cfg: TrainBench) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    contenders["chatsmith"] = chatsmith_step
-    if b.hf:
+    if "chatsmith" in names:
+        contenders["chatsmith"] = chatsmith_step
+    if "hf_transformers" in names:
         hf_step = _hf_contender(mcfg, model)
 
         def hf_autocast_step(x, y):
@@ -166,12 +166,68 @@ def train_main(cfg: TrainBench) -> dict:
                 return hf_step(x, y)
 
         contenders["hf_transformers"] = hf_autocast_step
-    if b.floor:
-        contenders["kernel_floor"] = _kernel_floor(model, b.batch, dtype)
-
+    if "kernel_floor" in names:
+        contenders["kernel_floor"] = _kernel_floor(model, batch, dtype)
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, mcfg.vocab_size, (b.batch, mcfg.seq_len + 1), generator=gen)
-    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    tokens = torch.randint(0, mcfg.vocab_size, (batch, mcfg.seq_len + 1), generator=gen)
+    return model, contenders, (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+
+
+def _memory_status(field: str) -> int | None:
+    """A memory figure of this process from Linux /proc/self/status in bytes (VmRSS: resident now, VmHWM: its
+    high-water mark), or None where that is not available. Not getrusage's ru_maxrss: Linux carries that across
+    fork + exec, so a child would inherit its parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def step_memory(name: str, batch: int, precision: str, threads: int, steps: int = 3) -> int | None:
+    """Peak resident memory (bytes) that `steps` training steps of contender `name` add to a process that holds the
+    built model, optimizer and data: the high-water mark after the steps minus the resident set just before them.
+    Gradients, optimizer state, activations and the loss's logits all count. Meant to run in a fresh process (the
+    high-water mark is per process); None where /proc is missing."""
+    import torch
+
+    from .common import autocast_dtype
+
+    if threads:
+        torch.set_num_threads(threads)
+    _, contenders, (x, y) = _contenders(batch, autocast_dtype("cpu", precision), (name,))
+    before = _memory_status("VmRSS")
+    for _ in range(steps):
+        contenders[name](x, y)
+    peak = _memory_status("VmHWM")
+    return None if before is None or peak is None else max(0, peak - before)
+
+
+def _memory_in_fresh_process(name: str, b: TrainBenchConfig) -> int | None:
+    code = (f"import json; from chatsmith.bench import step_memory; "
+            f"print(json.dumps(step_memory({name!r}, {b.batch}, {b.precision!r}, {b.threads})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise UserError(f"the memory measurement of {name} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout)
+
+
+def train_main(cfg: TrainBench) -> dict:
+    import torch
+
+    from .common import autocast_dtype, matmul_peak_flops
+
+    b = cfg.bench
+    if b.threads:
+        torch.set_num_threads(b.threads)
+    dtype = autocast_dtype("cpu", b.precision)
+    peaks = {"fp32": matmul_peak_flops("float32"), "bf16": matmul_peak_flops("bfloat16")}
+    names = ("chatsmith", *(["hf_transformers"] if b.hf else []), *(["kernel_floor"] if b.floor else []))
+    model, contenders, (x, y) = _contenders(b.batch, dtype, names)
+    mcfg = model.config
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(b.warmup):
         for fn in contenders.values():
@@ -202,6 +258,13 @@ def train_main(cfg: TrainBench) -> dict:
         result["speedup_vs_hf"] = result["chatsmith_tok_s"] / result["hf_transformers_tok_s"]
         if "kernel_floor" in times:
             result["max_speedup_vs_hf"] = result["kernel_floor_tok_s"] / result["hf_transformers_tok_s"]
+    if b.memory:
+        for name in ("chatsmith", "hf_transformers") if b.hf else ("chatsmith",):
+            result[f"{name}_step_memory_mb"] = (None if (m := _memory_in_fresh_process(name, b)) is None
+                                                else m / 2**20)
+        if b.hf and result["chatsmith_step_memory_mb"] and result["hf_transformers_step_memory_mb"]:
+            result["memory_ratio_hf_over_chatsmith"] = (result["hf_transformers_step_memory_mb"]
+                                                        / result["chatsmith_step_memory_mb"])
     emit(result, b.json)
     return result
 

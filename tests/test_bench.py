@@ -105,7 +105,8 @@ def test_flags_and_errors():
 
 
 def test_train_json_arithmetic_and_floor(capsys):
-    """bench train on bench-ref, one sequence per step: the reported rates follow from the step times, and the
+    """bench train on bench-ref, one sequence per step: the reported rates follow from the step times, each
+    trainer's step memory is measured in a fresh process, and the
     kernel floor runs exactly the model's matmuls (same FLOPs as a forward + backward of the model, counted by
     torch's FlopCounterMode; neither count includes attention, which the counter does not see on CPU)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -120,6 +121,10 @@ def test_train_json_arithmetic_and_floor(capsys):
         assert math.isclose(r[f"{name}_mfu_fp32"], r["flops_per_token"] * r[f"{name}_tok_s"] / r["peak_fp32_flops"])
     assert math.isclose(r["speedup_vs_hf"], r["chatsmith_tok_s"] / r["hf_transformers_tok_s"])
     assert math.isclose(r["max_speedup_vs_hf"], r["kernel_floor_tok_s"] / r["hf_transformers_tok_s"])
+    # peak memory of each trainer's steps, measured in fresh processes (not asserted beyond being measured)
+    assert r["chatsmith_step_memory_mb"] > 0 and r["hf_transformers_step_memory_mb"] > 0
+    assert math.isclose(r["memory_ratio_hf_over_chatsmith"],
+                        r["hf_transformers_step_memory_mb"] / r["chatsmith_step_memory_mb"])
 
     model = GPT.build(bench.bench_ref().resolve())
     x = torch.randint(0, model.config.vocab_size, (1, model.config.seq_len))
