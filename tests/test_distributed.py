@@ -163,3 +163,24 @@ def test_batch_tokens_must_divide_evenly(prepared, monkeypatch):  # noqa: F811
                                               "--batch-tokens", "1000"])
     with pytest.raises(UserError, match="not a multiple"):
         train.main(cfg)
+
+
+def test_speedrun_under_torchrun(tmp_path):
+    """The README's torchrun speedrun, smoke-sized: rank 0 makes the tokenizer and shards, both ranks pretrain and
+    fine-tune, rank 0 runs the reply checks; the chat model it leaves behind is what `chatsmith chat` loads."""
+    env = {**os.environ, "CHATSMITH_HOME": str(tmp_path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "chatsmith",
+           "speedrun", "--preset", "smoke", "--run-name", "ddp_sr", "--threads", "1"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "runs" / "ddp_sr"
+    for stage in (run, run / "chat"):
+        ck = checkpoint.load_latest(stage / "checkpoints")
+        assert ck is not None and ck.meta["world_size"] == 2 and len(ck.state["ranks"]) == 2
+        steps = [s for s, _ in losses(stage)]
+        assert steps == list(range(1, len(steps) + 1)) and steps[-1] == ck.step  # one writer: no duplicate lines
+    assert (run / "chat" / "chat_checks.json").exists()
+    assert out.stderr.count("speedrun done:") == 1  # rank 0 logs
+    chat = subprocess.run([sys.executable, "-m", "chatsmith", "chat", "--run", "ddp_sr", "-p", "Hi",
+                           "--max-tokens", "4"], env=env, capture_output=True, text=True, timeout=120)
+    assert chat.returncode == 0, chat.stderr[-2000:]
