@@ -1,8 +1,10 @@
 """Data parallelism through torch.distributed: the same command runs alone or under torchrun.
 
     chatsmith pretrain --preset cpu                                               # one process
-    torchrun --standalone --nproc_per_node=2 -m chatsmith pretrain --preset cpu   # two (gloo on CPU, nccl on CUDA)
+    torchrun --standalone --nproc_per_node=2 -m chatsmith pretrain --preset cpu --run-name cpu2
+                                                          # two processes (gloo on CPU, nccl on CUDA)
 
+Under torchrun name the run with --run-name (torchrun's own --run-path makes --run ambiguous to its parser).
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; `init()` reads them and joins the process group, and without them every
 function here is a no-op, so train.py has one code path. What data parallelism means in the loop:
 - each rank builds the same model from the same seed, and DDP broadcasts rank 0's weights once at wrap time;
