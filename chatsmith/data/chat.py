@@ -64,7 +64,7 @@ from ..common import UserError, log
 from ..config import SFTDataConfig
 from ..tools import calculate
 from . import sources
-from .shards import IGNORE_INDEX, RankStream
+from .shards import IGNORE_INDEX, StreamPacker
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
@@ -454,8 +454,11 @@ def render_rows(tok: Tokenizer, conversations: Sequence[Conversation]) -> list[t
 # the loader
 
 
-class ChatLoader:
+class ChatLoader(StreamPacker):
     """Batches of rows packed with whole conversations (best fit, never cut); see the module docstring."""
+
+    _saved_for = "the SFT loader state was saved for other conversations or another layout"
+    _mismatch = "resume with the same data, seq_len, seed and number of processes"
 
     def __init__(self, rows: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int, seq_len: int,
                  seed: int = 0, *, pad_id: int = 0, buffer_convs: int = 64, epochs: int | None = None,
@@ -470,22 +473,16 @@ class ChatLoader:
         if len(keep) == 0:
             raise UserError(f"all {len(rows)} conversations are longer than seq_len + 1 = {seq_len + 1} tokens (or "
                             f"there are none); raise --seq-len or lower --max-chars")
-        self.batch_size, self.seq_len, self.seed, self.pad_id = batch_size, seq_len, seed, pad_id
-        self.buffer_convs, self.epochs, self.shuffle = max(1, buffer_convs), epochs, shuffle
-        self.rank, self.world_size = rank, world_size
+        self.batch_size, self.seq_len, self.pad_id = batch_size, seq_len, pad_id
+        self.buffer_convs = max(1, buffer_convs)
         self._ids = [np.asarray(rows[i][0], dtype=np.int64) for i in keep]
         self._mask = [np.asarray(rows[i][1], dtype=bool) for i in keep]
         self._length = all_lengths[keep]  # (N,) tokens of each kept conversation
         self.dropped = len(rows) - len(keep)
         self.fingerprint = hashlib.blake2b(all_lengths.tobytes(), digest_size=8).hexdigest()
         self.n_convs = len(keep)
-        self.stream = RankStream(self.n_convs, rank, world_size, seed, shuffle)
-        self.n_rank = self.stream.n_rank
-        if self.n_rank == 0:
-            raise UserError(f"{self.n_convs} conversations fit in rows, fewer than the {world_size} ranks; add "
-                            f"conversations or use fewer processes")
-        self._next = 0  # position in this rank's conversation stream; epoch = position // n_rank
-        self._buffer: list[int] = []  # stream positions of buffered conversations, ascending
+        self._init_stream(self.n_convs, rank, world_size, seed, shuffle, epochs,
+                          f"{self.n_convs} conversations fit in rows")
         self._counts = {"convs": 0, "tokens": 0, "loss_tokens": 0}
 
     def _conv(self, k: int) -> int:
@@ -493,10 +490,7 @@ class ChatLoader:
         return self.stream.item(k)
 
     def _refill(self) -> None:
-        end = None if self.epochs is None else self.epochs * self.n_rank
-        while len(self._buffer) < self.buffer_convs and (end is None or self._next < end):
-            self._buffer.append(self._next)
-            self._next += 1
+        self._buffer += self._take(self.buffer_convs)
 
     def _fill_row(self, ids: np.ndarray, mask: np.ndarray) -> int:
         """Place whole conversations into `ids`/`mask` from the start; returns how many."""
@@ -533,13 +527,6 @@ class ChatLoader:
         targets = np.where(mask[:, 1:], ids[:, 1:], IGNORE_INDEX)  # (B, T) next token where it is trained on
         return torch.from_numpy(ids[:, :-1].copy()), torch.from_numpy(targets)
 
-    def __iter__(self) -> Iterator:
-        while True:
-            try:
-                yield self.next_batch()
-            except StopIteration:
-                return
-
     @property
     def stats(self) -> dict:
         """Conversations, tokens and trained-on targets placed so far, conversations dropped as too long, and
@@ -549,19 +536,6 @@ class ChatLoader:
     def _layout(self) -> dict:
         return {"n_convs": self.n_convs, "fingerprint": self.fingerprint, "seq_len": self.seq_len, "seed": self.seed,
                 "shuffle": self.shuffle, "rank": self.rank, "world_size": self.world_size}
-
-    def state_dict(self) -> dict:
-        """JSON-able: the next stream position and the buffered conversations as positions."""
-        return {"next": self._next, "buffer": list(self._buffer), **self._counts, **self._layout()}
-
-    def load_state_dict(self, d: dict) -> None:
-        saved = {k: d.get(k) for k in self._layout()}
-        if saved != self._layout():
-            raise UserError(f"the SFT loader state was saved for other conversations or another layout ({saved}, now "
-                            f"{self._layout()}); resume with the same data, seq_len, seed and number of processes")
-        self._next = int(d["next"])
-        self._buffer = [int(k) for k in d["buffer"]]
-        self._counts = {k: int(d[k]) for k in self._counts}
 
 
 def iter_val_batches(rows: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int, seq_len: int,

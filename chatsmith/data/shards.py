@@ -426,24 +426,68 @@ class RankStream:
         return int(self._orders[epoch][pos])
 
 
-class PackingLoader:
+class StreamPacker:
+    """What both packing loaders (documents here, conversations in data/chat.py) share: this rank's item stream, the
+    next stream position, the positions buffered for best-fit packing, counters, iteration until the last epoch,
+    and the JSON state that makes a resume exact. Subclasses set `_counts`, define `_layout()` (what the state must
+    match), `next_batch()`, and the two halves of the error when the layout differs."""
+
+    _saved_for = "the loader state was saved for another corpus or process layout"
+    _mismatch = "resume with the same data and number of processes"
+    _counts: dict[str, int]
+
+    def _init_stream(self, n_items: int, rank: int, world_size: int, seed: int, shuffle: bool,
+                     epochs: int | None, too_few: str) -> None:
+        self.rank, self.world_size, self.seed, self.shuffle, self.epochs = rank, world_size, seed, shuffle, epochs
+        self.stream = RankStream(n_items, rank, world_size, seed, shuffle)
+        self.n_rank = self.stream.n_rank  # items of this rank per epoch
+        if self.n_rank == 0:
+            raise UserError(f"{too_few}, fewer than the {world_size} ranks; add some or use fewer processes")
+        self._next = 0  # position in this rank's stream: epoch = position // n_rank
+        self._buffer: list[int] = []  # stream positions of buffered items, ascending
+
+    def _take(self, size: int) -> list[int]:
+        """Advance the stream by the positions that bring the buffer up to `size` (none after the last epoch)."""
+        end = None if self.epochs is None else self.epochs * self.n_rank
+        new = []
+        while len(self._buffer) + len(new) < size and (end is None or self._next < end):
+            new.append(self._next)
+            self._next += 1
+        return new
+
+    def __iter__(self) -> Iterator:
+        while True:
+            try:
+                yield self.next_batch()
+            except StopIteration:
+                return
+
+    def state_dict(self) -> dict:
+        """JSON-able: the next stream position and the buffered items as positions (no tokens)."""
+        return {"next": self._next, "buffer": list(self._buffer), **self._counts, **self._layout()}
+
+    def load_state_dict(self, d: dict) -> None:
+        saved = {k: d.get(k) for k in self._layout()}
+        if saved != self._layout():
+            raise UserError(f"{self._saved_for} ({saved}, now {self._layout()}); {self._mismatch}")
+        self._next = int(d["next"])
+        self._buffer = [int(k) for k in d["buffer"]]
+        self._counts = {k: int(d[k]) for k in self._counts}
+
+
+class PackingLoader(StreamPacker):
     """Infinite (or `epochs`-long) batches of BOS-aligned, best-fit packed rows; see the module docstring."""
+
+    _mismatch = "resume with the same shards and number of processes"
 
     def __init__(self, shard_dir: Path, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
                  buffer_docs: int = 1000, epochs: int | None = None, seed: int = 0, shuffle: bool = True):
         self.reader = ShardReader(shard_dir)
-        self.batch_size, self.seq_len = batch_size, seq_len
-        self.rank, self.world_size = rank, world_size
-        self.buffer_docs, self.epochs, self.seed, self.shuffle = max(1, buffer_docs), epochs, seed, shuffle
+        self.batch_size, self.seq_len, self.buffer_docs = batch_size, seq_len, max(1, buffer_docs)
         self.n_docs = len(self.reader)
-        self.stream = RankStream(self.n_docs, rank, world_size, seed, shuffle)
-        self.n_rank = self.stream.n_rank  # documents of this rank per epoch
-        if self.n_rank == 0:
-            raise UserError(f"{shard_dir} has {self.n_docs} documents, fewer than the {world_size} ranks; "
-                            f"add documents or use fewer processes")
-        self._next = 0  # position in this rank's document stream: epoch = k // n_rank
-        self._buffer: list[int] = []  # stream positions of buffered documents, ascending
-        self._lengths = np.zeros(0, dtype=np.int64)  # their lengths, aligned with _buffer
+        self._init_stream(self.n_docs, rank, world_size, seed, shuffle, epochs,
+                          f"{shard_dir} has {self.n_docs} documents")
+        self._lengths = np.zeros(0, dtype=np.int64)  # lengths of the buffered documents, aligned with _buffer
         self._counts = {"docs": 0, "tokens": 0, "cropped_tokens": 0}
 
     # -- document stream --------------------------------------------------------------------------------------------
@@ -453,11 +497,7 @@ class PackingLoader:
         return self.stream.item(k)
 
     def _refill(self) -> None:
-        end = None if self.epochs is None else self.epochs * self.n_rank
-        new = []
-        while len(self._buffer) + len(new) < self.buffer_docs and (end is None or self._next < end):
-            new.append(self._next)
-            self._next += 1
+        new = self._take(self.buffer_docs)
         if new:
             self._buffer += new
             self._lengths = np.concatenate([self._lengths, self.reader.length[[self._doc_id(k) for k in new]]])
@@ -501,13 +541,6 @@ class PackingLoader:
         targets[np.arange(T)[None, :] + 1 >= filled[:, None]] = IGNORE_INDEX  # padding after the last document
         return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(targets)
 
-    def __iter__(self) -> Iterator:
-        while True:
-            try:
-                yield self.next_batch()
-            except StopIteration:
-                return
-
     @property
     def stats(self) -> dict:
         """Documents and tokens placed in rows so far, tokens cropped away, and completed epochs (of documents)."""
@@ -517,19 +550,9 @@ class PackingLoader:
         return {"n_docs": self.n_docs, "rank": self.rank, "world_size": self.world_size, "seed": self.seed,
                 "shuffle": self.shuffle}
 
-    def state_dict(self) -> dict:
-        """JSON-able: the next stream position and the buffered documents as positions (no tokens)."""
-        return {"next": self._next, "buffer": list(self._buffer), **self._counts, **self._layout()}
-
     def load_state_dict(self, d: dict) -> None:
-        saved = {k: d.get(k) for k in self._layout()}
-        if saved != self._layout():
-            raise UserError(f"the loader state was saved for another corpus or process layout ({saved}, now "
-                            f"{self._layout()}); resume with the same shards and number of processes")
-        self._next = int(d["next"])
-        self._buffer = [int(k) for k in d["buffer"]]
+        super().load_state_dict(d)
         self._lengths = np.array([self.reader.length[self._doc_id(k)] for k in self._buffer], dtype=np.int64)
-        self._counts = {k: int(d[k]) for k in self._counts}
 
 
 def iter_val_batches(shard_dir: Path, batch_size: int, seq_len: int, max_tokens: int) -> Iterator:
