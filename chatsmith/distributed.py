@@ -104,14 +104,14 @@ def no_sync(model: torch.nn.Module, skip: bool):
     return contextlib.nullcontext()
 
 
-def all_reduce(values: list[float], d: Dist, op: str = "sum") -> list[float]:
-    """Elementwise sum (or max) of `values` over the ranks, in float64; `values` itself on one process."""
+def all_reduce(values: list[float], d: Dist) -> list[float]:
+    """Elementwise sum of `values` over the ranks, in float64; `values` itself on one process."""
     if not d.enabled:
         return list(values)
     import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    dist.all_reduce(t)
     return t.tolist()
 
 
