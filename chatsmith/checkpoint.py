@@ -4,6 +4,7 @@
     checkpoint.save(run / "checkpoints", step, model.state_dict(), optimizer=opt.state_dict(),
                     state={"loader": loader.state_dict()}, meta={"config": ...}, keep_last=3)
     ck = checkpoint.load_latest(run / "checkpoints")   # newest valid one, or None; ck.model, ck.optimizer, ck.rng, ...
+    loaded = checkpoint.load_model(checkpoint.LoadConfig(run="cpu"))   # model + tokenizer for chat, serve, eval, export
 
 Layout of one checkpoint, `checkpoints/step_000200/`:
 
@@ -35,6 +36,11 @@ Notable choices:
   ints, base64 for torch byte states) and need no torch.load at all.
 - Only rank 0 writes (under torchrun every rank calls `save` with the same, gathered state); every rank can load.
 - `state` and `meta` round-trip through JSON: tuples come back as lists and dict keys as strings.
+- `load_model` is the one loader (run or checkpoint -> model + tokenizer + precision) that chat, serve, eval, export
+  and RL call. Which model: `--checkpoint PATH` (a step_N directory; the tokenizer comes from the nearest parent
+  holding `tokenizer/`), else the newest valid checkpoint of `--run` under `<run>/chat/checkpoints` (SFT) or
+  `<run>/checkpoints` (the base model), as the caller's `stage` asks. With no `--run`, the newest run that has a
+  model of that stage, named in the log.
 - Cost (2-core AMD EPYC, ext4): saving 16 MB of weights + 16 MB of optimizer state takes ~0.16 s, of which
   SHA-256 hashing (one extra read per file, 1.3 GB/s) is 0.03 s and fsync 0.03 s; load re-hashes at the same rate.
 """
@@ -58,7 +64,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import UserError, fsync_dir, is_rank0, log
+from .common import UserError, fsync_dir, is_rank0, log, run_dir, runs_root
+from .config import opt
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -410,3 +417,120 @@ def load_latest(root: Path, map_location="cpu") -> Checkpoint | None:
         raise CheckpointError(f"none of the {len(paths)} checkpoints in {root} is valid ({', '.join(problems)}); "
                               f"delete them to start the run over, or restore one from a backup")
     return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the one model loader: a run or a checkpoint -> model + tokenizer (chat, serve, eval, export, rl)
+
+NO_MODEL = "no chat model found; run `chatsmith speedrun` first"
+STAGES = ("chat", "base", "auto")
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    run: str = opt("", "run to load under $CHATSMITH_HOME/runs; default: the newest run that has such a model")
+    checkpoint: str = opt("", "a checkpoint directory (step_N) to load instead of the run's newest one")
+    device: str = opt("auto", "auto, cpu, cuda or mps")
+    precision: str = opt("auto", "auto (bf16 on CUDA >= sm80 and AMX CPUs, else fp32), bf16 or fp32")
+    threads: int = opt(1, "torch intra-op threads for decoding (1 is fastest for small models on a busy CPU); "
+                          "0 leaves torch's default")
+    context: int = opt(0, "context window in tokens (KV cache length); 0 means the model's seq_len")
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # chatsmith.model.GPT, in eval mode
+    tokenizer: Any  # chatsmith.tokenizer.Tokenizer
+    checkpoint: Path
+    run: Path
+    is_chat: bool  # False: a base (pretrained only) checkpoint
+    autocast_dtype: Any  # torch dtype or None
+
+
+def stage_root(run: Path, stage: str) -> Path:
+    """Where a run keeps the checkpoints of a stage: `chat/checkpoints` (SFT, RL) or `checkpoints` (pretraining)."""
+    return run / "chat" / "checkpoints" if stage == "chat" else run / "checkpoints"
+
+
+def newest_run_with(stage: str) -> Path | None:
+    """The most recently modified run that has a complete checkpoint of `stage` (chat: falls back to base models when
+    no run has a chat model), or None."""
+    root = runs_root()
+    if not root.is_dir():
+        return None
+    runs = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    for kind in (("chat", "base") if stage in ("chat", "auto") else ("base",)):
+        for run in runs:
+            if list_checkpoints(stage_root(run, kind)):
+                return run
+    return None
+
+
+def _tokenizer_run(checkpoint: Path) -> Path | None:
+    for parent in checkpoint.resolve().parents:
+        if (parent / "tokenizer" / "tokenizer.json").is_file():
+            return parent
+    return None
+
+
+def _pick(cfg: LoadConfig, stage: str) -> tuple[Checkpoint, Path, bool]:
+    """(checkpoint, run directory, is_chat) chosen by `cfg` for `stage` (chat | base | auto)."""
+    if cfg.checkpoint:
+        path = Path(cfg.checkpoint).expanduser()
+        run = run_dir(cfg.run, create=False) if cfg.run else _tokenizer_run(path)
+        if run is None:
+            raise UserError(f"no tokenizer/ found above {path}; pass --run NAME to take the tokenizer of that run")
+        return load(path), run, path.resolve().parent.parent.name == "chat"
+    if cfg.run:
+        run = run_dir(cfg.run, create=False)
+        if not run.is_dir():
+            raise UserError(f"run {cfg.run!r} does not exist; run `chatsmith speedrun --run {cfg.run}` first or pick "
+                            f"another --run")
+    else:
+        run = newest_run_with(stage)
+        if run is None:
+            raise UserError(NO_MODEL if stage != "base" else "no base model found; run `chatsmith speedrun` first")
+    if stage in ("chat", "auto"):
+        ck = load_latest(stage_root(run, "chat"))
+        if ck is not None:
+            return ck, run, True
+    ck = load_latest(stage_root(run, "base"))
+    if ck is None:
+        raise UserError(f"{NO_MODEL if stage != 'base' else 'no base model found'} (run {run.name} has no "
+                        f"checkpoints)")
+    if stage == "chat":
+        log(f"warning: run {run.name} has no chat checkpoint yet, so this is the base model {ck.path.name}: it "
+            f"continues text rather than answering; run `chatsmith sft` for a chat model")
+    return ck, run, False
+
+
+def load_model(cfg: LoadConfig, stage: str = "chat") -> LoadedModel:
+    """The model, tokenizer and precision chosen by `cfg`: `stage` "chat" prefers the run's chat model (a base model
+    with a warning when it has none), "base" takes the pretrained model, "auto" the newest of either, silently."""
+    import torch
+
+    from .common import autocast_dtype, device_type
+    from .model import GPT
+    from .tokenizer import Tokenizer
+
+    if stage not in STAGES:
+        raise UserError(f"unknown stage {stage!r}; choose one of: {', '.join(STAGES)}")
+    device = device_type(cfg.device)
+    dtype = autocast_dtype(device, cfg.precision)
+    ck, run, is_chat = _pick(cfg, stage)
+    if not cfg.run and not cfg.checkpoint:
+        log(f"loading run {run.name}: {'chat' if is_chat else 'base'} model {ck.path.name}")
+    mcfg = ck.model_config()
+    tokenizer = Tokenizer.load(run / "tokenizer")
+    if tokenizer.vocab_size > mcfg.vocab_size:
+        raise UserError(f"the tokenizer in {run / 'tokenizer'} has {tokenizer.vocab_size} ids but the model only "
+                        f"{mcfg.vocab_size}; pass the --run the checkpoint was trained in")
+    if cfg.threads > 0 and device == "cpu":
+        torch.set_num_threads(cfg.threads)
+    model = GPT.build(mcfg, device=device)
+    try:
+        model.load_state_dict(ck.model)
+    except RuntimeError as e:
+        raise UserError(f"the weights in {ck.path} do not fit the model its meta.json describes "
+                        f"({str(e).splitlines()[0][:120]}); load another checkpoint") from None
+    return LoadedModel(model.eval(), tokenizer, ck.path, run, is_chat, dtype)

@@ -5,11 +5,9 @@
     chatsmith chat --checkpoint ~/.cache/chatsmith/runs/cpu/chat/checkpoints/step_000400
     chatsmith chat --prompt "What is 12*34?"   # one-shot: prints the reply on stdout and exits 0
 
-Which model: `--checkpoint PATH` (a step_N directory), else the newest valid checkpoint of `--run` (default: the most
-recently modified run) under `<run>/chat/checkpoints` (written by SFT), else under `<run>/checkpoints` (the base
-model, with a warning: it continues text rather than answering). The tokenizer comes from `<run>/tokenizer` (for
-`--checkpoint`, the nearest parent directory holding `tokenizer/`), the model shape from the checkpoint's meta.json
-(`config.model`).
+Which model: `checkpoint.load_model` decides (its docstring says how): `--checkpoint PATH`, else the newest chat
+checkpoint of `--run` (default: the newest run that has one), else that run's base model with a warning (it continues
+text rather than answering).
 
 Input: Enter sends. A line ending in a backslash continues on the next line; a line holding only three double quotes
 (`\"\"\"`) starts paste mode, which ends at the next such line (for pasting code). Commands: /help, /clear (forget the
@@ -32,13 +30,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
-from .common import UserError, latest_run, log, run_dir
+from .checkpoint import LoadConfig, load_model
+from .common import UserError
 from .config import opt
 
-NO_MODEL = "no chat model found; run `chatsmith speedrun` first"
 PASTE = '"""'
 HELP = """commands:
   /help          this list
@@ -48,17 +45,6 @@ HELP = """commands:
   /tools on|off  let the model call the calculator and python tools
   /quit          leave (or Ctrl-D)
 input: end a line with \\ to continue on the next one; a line of three double quotes starts and ends paste mode"""
-
-
-@dataclass(frozen=True)
-class LoadConfig:
-    run: str = opt("", "run to load under $CHATSMITH_HOME/runs; default: the most recently modified run")
-    checkpoint: str = opt("", "a checkpoint directory (step_N) to load instead of the run's newest one")
-    device: str = opt("auto", "auto, cpu, cuda or mps")
-    precision: str = opt("auto", "auto (bf16 on CUDA >= sm80 and AMX CPUs, else fp32), bf16 or fp32")
-    threads: int = opt(1, "torch intra-op threads for decoding (1 is fastest for small models on a busy CPU); "
-                          "0 leaves torch's default")
-    context: int = opt(0, "context window in tokens (KV cache length); 0 means the model's seq_len")
 
 
 @dataclass(frozen=True)
@@ -80,74 +66,6 @@ class ChatConfig:
 class ChatStage:
     load: LoadConfig = LoadConfig()
     chat: ChatConfig = ChatConfig()
-
-
-@dataclass
-class LoadedModel:
-    model: Any  # chatsmith.model.GPT, in eval mode
-    tokenizer: Any  # chatsmith.tokenizer.Tokenizer
-    checkpoint: Path
-    run: Path
-    is_chat: bool  # False: a base (pretrained only) checkpoint
-    autocast_dtype: Any  # torch dtype or None
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# loading
-
-
-def _find_tokenizer_dir(checkpoint: Path) -> Path | None:
-    for parent in checkpoint.resolve().parents:
-        if (parent / "tokenizer" / "tokenizer.json").is_file():
-            return parent
-    return None
-
-
-def load_chat_model(cfg: LoadConfig) -> LoadedModel:
-    """The model, tokenizer and precision chosen by `cfg` (see the module docstring for the search order)."""
-    import torch
-
-    from . import checkpoint as ckpt
-    from .common import autocast_dtype, device_type
-    from .model import GPT
-    from .tokenizer import Tokenizer
-
-    device = device_type(cfg.device)
-    dtype = autocast_dtype(device, cfg.precision)
-    if cfg.checkpoint:
-        path = Path(cfg.checkpoint).expanduser()
-        run = run_dir(cfg.run, create=False) if cfg.run else _find_tokenizer_dir(path)
-        if run is None:
-            raise UserError(f"no tokenizer/ found above {path}; pass --run NAME to take the tokenizer of that run")
-        ck = ckpt.load(path)
-        is_chat = path.resolve().parent.parent.name == "chat"
-    else:
-        run = run_dir(cfg.run, create=False) if cfg.run else latest_run()
-        if run is None or not run.is_dir():
-            raise UserError(NO_MODEL if not cfg.run else f"run {cfg.run!r} does not exist; run `chatsmith speedrun "
-                                                         f"--run {cfg.run}` first or pick another --run")
-        ck, is_chat = ckpt.load_latest(run / "chat" / "checkpoints"), True
-        if ck is None:
-            ck, is_chat = ckpt.load_latest(run / "checkpoints"), False
-        if ck is None:
-            raise UserError(f"{NO_MODEL} (run {run.name} has no checkpoints)")
-        if not is_chat:
-            log(f"warning: run {run.name} has no chat checkpoint yet, so this is the base model {ck.path.name}: it "
-                f"continues text rather than answering; run `chatsmith sft` for a chat model")
-    mcfg = ck.model_config()
-    tokenizer = Tokenizer.load(run / "tokenizer")
-    if tokenizer.vocab_size > mcfg.vocab_size:
-        raise UserError(f"the tokenizer in {run / 'tokenizer'} has {tokenizer.vocab_size} ids but the model only "
-                        f"{mcfg.vocab_size}; pass the --run the checkpoint was trained in")
-    if cfg.threads > 0 and device == "cpu":
-        torch.set_num_threads(cfg.threads)
-    model = GPT.build(mcfg, device=device)
-    try:
-        model.load_state_dict(ck.model)
-    except RuntimeError as e:
-        raise UserError(f"the weights in {ck.path} do not fit the model its meta.json describes "
-                        f"({str(e).splitlines()[0][:120]}); load another checkpoint") from None
-    return LoadedModel(model.eval(), tokenizer, ck.path, run, is_chat, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -345,7 +263,7 @@ def main(cfg: ChatStage, stdin: TextIO | None = None, stdout: TextIO | None = No
                    top_p=cfg.chat.top_p, repetition_penalty=cfg.chat.repetition_penalty)  # bad flags fail early
     if cfg.chat.max_tool_calls < 0:
         raise UserError(f"--max-tool-calls must be >= 0, not {cfg.chat.max_tool_calls}")
-    loaded = load_chat_model(cfg.load)
+    loaded = load_model(cfg.load)
     max_len = cfg.load.context or loaded.model.config.seq_len
     engine = Engine(loaded.model, loaded.tokenizer, slots=1, max_len=max_len, autocast_dtype=loaded.autocast_dtype)
     session = ChatSession(engine, loaded.tokenizer, cfg.chat, stdin, stdout, stderr)

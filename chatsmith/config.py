@@ -23,12 +23,16 @@ from .common import UserError, atomic_write_json
 from .model import ModelConfig
 
 
-def opt(default, help: str, alias: str = ""):
-    """A dataclass field with a default, the help text its command-line flag shows, and an optional second flag
-    (a short one like -p, or another long name)."""
+def opt(default, help: str, alias: str = "", *, min: float | None = None, max: float | None = None,
+        choices: tuple | None = None):
+    """A dataclass field with a default, the help text its command-line flag shows, an optional second flag (a short
+    one like -p, or another long name), and the values it accepts: `min`/`max` bound a number (inclusive), `choices`
+    lists the allowed values. `make` checks every field against them (and every float for NaN and infinity), so a
+    bad value ends in one sentence that names the flag, never in a traceback deep inside a stage."""
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple for sequence defaults: configs are frozen")
-    return field(default=default, metadata={"help": help, "alias": alias})
+    return field(default=default, metadata={"help": help, "alias": alias, "min": min, "max": max,
+                                            "choices": choices})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -224,6 +228,46 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def flag_names(stage_cls) -> dict[tuple[str, str], str]:
+    """{(section, field): --flag} as `build_parser` names them (a field name an earlier section already used gets
+    the section as prefix: --model-vocab-size)."""
+    names: dict[tuple[str, str], str] = {}
+    seen: set[str] = set()
+    for section, section_cls in _sections(stage_cls).items():
+        for f in dataclasses.fields(section_cls):
+            names[(section, f.name)] = _flag(f"{section}_{f.name}" if f.name in seen else f.name)
+            seen.add(f.name)
+    return names
+
+
+def _check_value(flag: str, value: Any, meta: Any) -> None:
+    """UserError unless `value` is finite and within the field's min/max/choices (each element of a tuple)."""
+    values = value if isinstance(value, tuple) else (value,)
+    lo, hi, choices = meta.get("min"), meta.get("max"), meta.get("choices")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            continue
+        if choices is not None and v not in choices:
+            raise UserError(f"{flag} must be one of {', '.join(map(str, choices))}, not {v!r}")
+        if isinstance(v, str):
+            continue
+        if v != v or v in (float("inf"), float("-inf")):
+            raise UserError(f"{flag} must be a finite number, not {v}")
+        if lo is not None and v < lo:
+            raise UserError(f"{flag} must be at least {lo}, not {v}")
+        if hi is not None and v > hi:
+            raise UserError(f"{flag} must be at most {hi}, not {v}")
+
+
+def check(cfg) -> None:
+    """Check every field of a built stage config against its declared range (see `opt`); UserError naming the flag."""
+    flags = flag_names(type(cfg))
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            _check_value(flags[(section.name, f.name)], getattr(values, f.name), f.metadata)
+
+
 def _field_types(section_cls) -> dict[str, Any]:
     return typing.get_type_hints(section_cls)
 
@@ -231,15 +275,13 @@ def _field_types(section_cls) -> dict[str, Any]:
 def build_parser(stage_cls, prog: str, description: str = "") -> argparse.ArgumentParser:
     """An argparse parser with one flag per field of every section of `stage_cls` (defaults left unset)."""
     parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
-    seen: dict[str, str] = {}
+    names = flag_names(stage_cls)
     defaults = _section_defaults(stage_cls)
     for section, section_cls in _sections(stage_cls).items():
         group = parser.add_argument_group(section)
         hints = _field_types(section_cls)
         for f in dataclasses.fields(section_cls):
-            # a name already used by an earlier section gets the section as prefix: --model-vocab-size
-            flag = _flag(f"{section}_{f.name}" if f.name in seen else f.name)
-            seen.setdefault(f.name, section)
+            flag = names[(section, f.name)]
             kind = hints[f.name]
             help_text = f.metadata.get("help", "") + f" (default: {getattr(defaults[section], f.name)!r})"
             dest = f"{section}.{f.name}"
@@ -279,7 +321,9 @@ def make(stage_cls, overrides: dict[str, dict[str, Any]] | None = None):
     run = built.get("run")
     if run is not None and not run.run:
         built["run"] = dataclasses.replace(run, run=run.preset)
-    return stage_cls(**built)
+    cfg = stage_cls(**built)
+    check(cfg)
+    return cfg
 
 
 def parse(stage_cls, argv: list[str] | None, prog: str = "chatsmith", description: str = ""):

@@ -50,8 +50,10 @@ from torch import nn
 from .common import UserError
 
 
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
+def _opt(default, help: str, min: float | None = None, max: float | None = None):
+    """A field whose help and accepted range become its command-line flag (config.opt's metadata, without importing
+    config: the model module stands alone)."""
+    return field(default=default, metadata={"help": help, "min": min, "max": max})
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .cli import LoadConfig, load_chat_model
+from .checkpoint import LoadConfig, load_model
 from .common import UserError, log
 from .config import opt
 from .protocol import (
@@ -538,7 +538,7 @@ def load_into(server: Server, load: LoadConfig) -> None:
     """Load the model chosen by `load` and start the engine; raises UserError when there is none."""
     from .engine import Engine
 
-    loaded = load_chat_model(load)
+    loaded = load_model(load)
     engine = Engine(loaded.model, loaded.tokenizer, slots=server.cfg.slots,
                     max_len=load.context or loaded.model.config.seq_len, autocast_dtype=loaded.autocast_dtype)
     kind = "chat model" if loaded.is_chat else "BASE model (not fine-tuned for chat)"

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from chatsmith import bench, config
+from chatsmith.bench import decode, train
 from chatsmith.common import UserError
 from chatsmith.model import GPT
 from chatsmith.tokenizer import ALL_SPECIALS, N_SPECIAL
@@ -28,8 +29,8 @@ def restore_threads():
 
 
 def run(capsys, **overrides) -> dict:
-    cfg = bench.DecodeBench(bench.DecodeBenchConfig(**{**TINY, "json": True, **overrides}))
-    result = bench.decode_main(cfg)
+    cfg = decode.DecodeBench(decode.DecodeBenchConfig(**{**TINY, "json": True, **overrides}))
+    result = decode.main(cfg)
     assert json.loads(capsys.readouterr().out) == result  # --json prints exactly the returned dict
     return result
 
@@ -55,7 +56,7 @@ def test_decode_json_and_hf_parity(capsys):
     r = run(capsys)
     assert r["tokens_match"] is True and r["matching_prefix"] == TINY["new_tokens"]  # greedy == HF greedy
     check_arithmetic(r)
-    mcfg = bench._decode_model_config(bench.DecodeBenchConfig(**TINY))
+    mcfg = decode._decode_model_config(decode.DecodeBenchConfig(**TINY))
     assert r["params"] == GPT.build(mcfg).num_params() and r["config"] == "bench-ref with overrides"
     assert (r["prompt_len"], r["new_tokens"], r["batch"], r["repeats"], r["threads"]) == (12, 10, 3, 2, 1)
     assert r["batch_prompt_lens"] == [6, 12, 18]  # 0.5x .. 1.5x the single prompt, evenly spread
@@ -84,7 +85,7 @@ def test_decode_without_hf(capsys):
 
 
 def test_bench_ref_is_the_default_model():
-    assert bench._decode_model_config(bench.DecodeBenchConfig()) == bench.bench_ref().resolve()
+    assert decode._decode_model_config(decode.DecodeBenchConfig()) == bench.bench_ref().resolve()
 
 
 def test_bench_tokenizer_covers_the_vocabulary():
@@ -98,10 +99,10 @@ def test_bench_tokenizer_covers_the_vocabulary():
 
 
 def test_flags_and_errors():
-    cfg = config.parse(bench.DecodeBench, ["--new-tokens", "4", "--threads", "2", "--no-hf", "--json"])
+    cfg = config.parse(decode.DecodeBench, ["--new-tokens", "4", "--threads", "2", "--no-hf", "--json"])
     assert (cfg.bench.new_tokens, cfg.bench.threads, cfg.bench.hf, cfg.bench.json) == (4, 2, False, True)
     with pytest.raises(UserError, match="--new-tokens"):
-        bench.decode_main(bench.DecodeBench(bench.DecodeBenchConfig(**{**TINY, "new_tokens": 0})))
+        decode.main(decode.DecodeBench(decode.DecodeBenchConfig(**{**TINY, "new_tokens": 0})))
 
 
 def test_train_json_arithmetic_and_floor(capsys):
@@ -111,8 +112,8 @@ def test_train_json_arithmetic_and_floor(capsys):
     torch's FlopCounterMode; neither count includes attention, which the counter does not see on CPU)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = bench.TrainBench(bench.TrainBenchConfig(batch=1, warmup=1, steps=2, precision="fp32", json=True))
-    r = bench.train_main(cfg)
+    cfg = train.TrainBench(train.TrainBenchConfig(batch=1, warmup=1, steps=2, precision="fp32", json=True))
+    r = train.main(cfg)
     assert json.loads(capsys.readouterr().out) == r
     tokens = r["batch"] * r["seq_len"]
     for name in ("chatsmith", "hf_transformers", "kernel_floor"):
@@ -131,5 +132,5 @@ def test_train_json_arithmetic_and_floor(capsys):
     with FlopCounterMode(display=False) as model_count:
         model(x, x).backward()
     with FlopCounterMode(display=False) as floor_count:
-        bench._kernel_floor(model, 1, None)(x, x)
+        train._kernel_floor(model, 1, None)(x, x)
     assert floor_count.get_total_flops() == model_count.get_total_flops() > 0

@@ -22,7 +22,8 @@ import torch
 from test_engine import ScriptedModel
 
 from chatsmith import checkpoint, config, tools
-from chatsmith.cli import HELP, NO_MODEL, ChatStage, fit_context, load_chat_model, main
+from chatsmith.checkpoint import NO_MODEL, load_model
+from chatsmith.cli import HELP, ChatStage, fit_context, main
 from chatsmith.common import UserError, run_dir
 from chatsmith.engine import Engine, SamplingParams, chat
 from chatsmith.model import GPT, ModelConfig
@@ -177,12 +178,13 @@ def save_run(tok: Tokenizer, name: str = "tiny", seq_len: int = 128, chat_dir: b
 def stage(*flags: str) -> ChatStage:
     """The chat stage with no repetition penalty (unless given), so replies compare with plain greedy decoding."""
     pen = () if "--repetition-penalty" in flags else ("--repetition-penalty", "1")
-    return config.parse(ChatStage, [*pen, *flags], prog="chatsmith chat")
+    # fp32: auto precision may pick bf16 on this CPU, and the references decode without autocast
+    return config.parse(ChatStage, ["--precision", "fp32", *pen, *flags], prog="chatsmith chat")
 
 
 def reference_reply(messages: list[dict], max_tokens: int, name: str = "tiny") -> str:
     """Greedy decoding of the conversation by a fresh engine on the saved model."""
-    loaded = load_chat_model(stage("--run", name).load)
+    loaded = load_model(stage("--run", name).load)
     engine = Engine(loaded.model, loaded.tokenizer, slots=1)
     return engine.generate(loaded.tokenizer.render_for_completion(messages),
                            SamplingParams(max_tokens=max_tokens, temperature=0)).text
@@ -205,10 +207,9 @@ def test_one_shot_prints_the_greedy_reply(tok):
 def test_repetition_penalty_reaches_the_engine(tok):
     save_run(tok)
     assert config.parse(ChatStage, []).chat.repetition_penalty == 1.1  # the default, as llama.cpp and Ollama
-    cfg = config.parse(ChatStage, ["-p", "What is 12*34?", "--temperature", "0", "--max-tokens", "40",
-                                   "--repetition-penalty", "3"])
+    cfg = stage("-p", "What is 12*34?", "--temperature", "0", "--max-tokens", "40", "--repetition-penalty", "3")
     rc, out, _ = run_main(cfg)
-    loaded = load_chat_model(stage("--run", "tiny").load)
+    loaded = load_model(stage("--run", "tiny").load)
     prompt = loaded.tokenizer.render_for_completion([{"role": "user", "content": "What is 12*34?"}])
     with_penalty = Engine(loaded.model, loaded.tokenizer, slots=1).generate(
         prompt, SamplingParams(max_tokens=40, temperature=0, repetition_penalty=3.0)).text
@@ -286,7 +287,7 @@ def test_context_overflow_drops_oldest_exchanges_without_crashing(tok):
     # the same session step by step: every prompt fits, and the kept exchanges are the newest ones
     from chatsmith.cli import ChatSession
 
-    loaded = load_chat_model(stage().load)
+    loaded = load_model(stage().load)
     engine = Engine(loaded.model, loaded.tokenizer, slots=1)
     prompts = []
     submit = engine.submit
@@ -331,10 +332,10 @@ def test_session_shows_tool_calls_between_streamed_text(tok):
 
 def test_base_model_fallback_warns_and_checkpoint_flag_loads(tok, capsys):
     save_run(tok, name="base", chat_dir=False)
-    loaded = load_chat_model(stage("--run", "base").load)
+    loaded = load_model(stage("--run", "base").load)
     assert not loaded.is_chat and "base model" in capsys.readouterr().err
     path = run_dir("base") / "checkpoints" / "step_000005"
-    by_path = load_chat_model(stage("--checkpoint", str(path)).load)
+    by_path = load_model(stage("--checkpoint", str(path)).load)
     assert by_path.checkpoint == path and by_path.run == run_dir("base")
     for a, b in itertools.zip_longest(loaded.model.state_dict().values(), by_path.model.state_dict().values()):
         assert torch.equal(a, b)

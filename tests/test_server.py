@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_cli_chat import TEXT, save_run
 
-from chatsmith.cli import LoadConfig, load_chat_model
+from chatsmith.checkpoint import LoadConfig, load_model
 from chatsmith.engine import Engine, SamplingParams
 from chatsmith.model import KVCache
 from chatsmith.server import ServeConfig, Server, load_into, serve_in_thread
@@ -64,8 +64,9 @@ def real(tok, tmp_path_factory):
         time.sleep(0.05)
         save_run(tok, name="tiny")  # the newest run: served without --run
         server = Server(ServeConfig(slots=4, max_queue=4, max_body_bytes=20_000))
-        load_into(server, LoadConfig())
-        loaded = load_chat_model(LoadConfig(run="tiny"))
+        # fp32 on both sides: auto precision may pick bf16 on this CPU, and the references are exact fp32 forwards
+        load_into(server, LoadConfig(precision="fp32"))
+        loaded = load_model(LoadConfig(run="tiny", precision="fp32"))
         uv, url = running(server)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
         yield SimpleNamespace(server=server, url=url, client=client, loaded=loaded,

@@ -30,7 +30,7 @@ from test_cli_chat import TEXT, save_run  # noqa: E402
 from test_server import ScriptedModel, metric  # noqa: E402
 from test_ui import browser, send  # noqa: E402, F401  (browser: the shared chromium fixture; skips without it)
 
-from chatsmith.cli import LoadConfig, load_chat_model  # noqa: E402
+from chatsmith.checkpoint import LoadConfig, load_model  # noqa: E402
 from chatsmith.engine import Engine, SamplingParams  # noqa: E402
 from chatsmith.server import ServeConfig, Server, load_into, serve_in_thread  # noqa: E402
 from chatsmith.tokenizer import Tokenizer  # noqa: E402
@@ -118,7 +118,8 @@ def watch_stream(page, seconds: float = 20.0) -> list[str]:
 def test_chat_stream_stop_reload_and_dark_mode_on_the_real_server(tok, serve, open_page):
     save_run(tok, name="tiny", seq_len=2048)  # re-encoded random replies are long
     server = Server(ServeConfig(slots=2, max_queue=2))
-    load_into(server, LoadConfig())  # as `chatsmith serve` with no flags: the newest run
+    load_into(server, LoadConfig(precision="fp32"))  # as `chatsmith serve` with no --run: the newest run (fp32, as the
+    # reference below: auto precision may pick bf16 on this CPU)
     forward = server.engine.model.forward_cached
 
     def throttled(*args, **kwargs):
@@ -127,7 +128,7 @@ def test_chat_stream_stop_reload_and_dark_mode_on_the_real_server(tok, serve, op
 
     server.engine.model.forward_cached = throttled
     url = serve(server)
-    loaded = load_chat_model(LoadConfig(run="tiny"))  # the reference: an unthrottled copy of the same model
+    loaded = load_model(LoadConfig(run="tiny", precision="fp32"))  # the reference: an unthrottled copy of the same model
     reference = Engine(loaded.model, loaded.tokenizer, slots=1)
 
     def greedy(messages: list[dict]):
