@@ -35,6 +35,7 @@ from typing import TextIO
 from .checkpoint import LoadConfig, load_model
 from .common import UserError
 from .config import opt
+from .engine import CHAT_DEFAULTS
 
 PASTE = '"""'
 HELP = """commands:
@@ -51,12 +52,13 @@ input: end a line with \\ to continue on the next one; a line of three double qu
 class ChatConfig:
     prompt: str = opt("", "one-shot: answer this prompt, print the reply and exit", alias="-p")
     system: str = opt("", "system prompt")
-    temperature: float = opt(0.6, "sampling temperature; 0 = greedy")
-    top_k: int = opt(50, "sample from the k most likely tokens; 0 = off")
-    top_p: float = opt(0.95, "nucleus sampling mass; 1 = off")
-    repetition_penalty: float = opt(1.1, "penalise tokens already in the conversation by this factor (llama.cpp's "
-                                         "and Ollama's default; small models loop without it); 1 = off")
-    max_tokens: int = opt(512, "most tokens per reply (per round when tools are called)")
+    temperature: float = opt(CHAT_DEFAULTS.temperature, "sampling temperature; 0 = greedy")
+    top_k: int = opt(CHAT_DEFAULTS.top_k, "sample from the k most likely tokens; 0 = off")
+    top_p: float = opt(CHAT_DEFAULTS.top_p, "nucleus sampling mass; 1 = off")
+    repetition_penalty: float = opt(CHAT_DEFAULTS.repetition_penalty, "penalise tokens already in the conversation "
+                                    "by this factor (llama.cpp's and Ollama's default; small models loop without "
+                                    "it); 1 = off")
+    max_tokens: int = opt(CHAT_DEFAULTS.max_tokens, "most tokens per reply (per round when tools are called)")
     seed: int = opt(-1, "sampling seed (each reply adds its number); -1 = random")
     tools: bool = opt(True, "let the model call the calculator and python tools")
     max_tool_calls: int = opt(4, "most tool calls in one reply")

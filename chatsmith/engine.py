@@ -60,6 +60,8 @@ from .common import UserError
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
+GREEDY_BELOW = 1e-5  # a smaller temperature > 0 means greedy (vLLM's threshold too): dividing fp32 logits by it
+# overflows, and the sampler would return the last id every time
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,8 @@ class SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids))
+        if 0 < self.temperature < GREEDY_BELOW:  # logits / 1e-300 overflow to inf and softmax gives NaN
+            object.__setattr__(self, "temperature", 0.0)
         checks = [
             (self.max_tokens >= 1, f"max_tokens must be at least 1, not {self.max_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), not {self.temperature}"),
@@ -104,6 +108,11 @@ class SamplingParams:
     @property
     def filtered(self) -> bool:
         return bool(self.top_k or self.top_p < 1 or self.min_p)
+
+
+# The one set of sampling defaults of a chat reply: `chatsmith chat`, the SFT chat checks, and the server (for the
+# fields a chat request leaves out, as vLLM applies a model's generation config) all use it.
+CHAT_DEFAULTS = SamplingParams(max_tokens=512, temperature=0.6, top_k=50, top_p=0.95, repetition_penalty=1.1)
 
 
 @dataclass

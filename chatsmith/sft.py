@@ -70,18 +70,16 @@ def chat_checks(model: GPT, tok: Tokenizer, prompts: list[str], max_tokens: int,
     """Replies to single-turn `prompts` as `chatsmith chat` gives them (its default sampling, seeded per prompt, tool
     calls run): how many end with <|im_end|> (not cut by `max_tokens`), and for the prompts that are mostly Chinese,
     how many answers (the last assistant turn, after any tool call) are >= 50 % han characters."""
-    from .cli import ChatConfig
-    from .engine import Engine, SamplingParams, chat
+    from .engine import CHAT_DEFAULTS, Engine, chat
 
     was_training = model.training
     model.eval()
     engine = Engine(model, tok, slots=1)
-    defaults = ChatConfig()
+    defaults = CHAT_DEFAULTS
     im_end = tok.special_id("<|im_end|>")
     rows = []
     for i, p in enumerate(progress(prompts, desc="chat checks", unit="prompt")):
-        params = SamplingParams(max_tokens=max_tokens, temperature=defaults.temperature, top_k=defaults.top_k,
-                                top_p=defaults.top_p, repetition_penalty=defaults.repetition_penalty, seed=seed + i)
+        params = dataclasses.replace(defaults, max_tokens=max_tokens, seed=seed + i)
         reply = chat(engine, tok, [{"role": "user", "content": p}], params, tools=True)
         answer = reply.messages[-1]["content"] if reply.messages else ""
         rows.append((p, answer, reply.stop_reason == im_end, reply.tool_calls))
