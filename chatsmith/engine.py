@@ -28,6 +28,9 @@ Choices:
   tokens; the generation stops at the earliest *end* of any stop string (what char-by-char streaming would see).
   Text that could still begin a stop string is held back until it cannot; the stop string is not emitted unless
   include_stop_str_in_output. max_tokens or a full cache slot ends with "length" (prompt + output <= max_len).
+- Errors: an exception in a prefill or a batched decode (a bad request, out of memory on a long prefill) is retried
+  per sequence; a sequence that still fails ends with finish_reason "error" (`Request.error` names the exception, the
+  log has its text) and frees its slot, and the others go on: one request cannot stop the engine for everyone.
 - Tool calls (hook for chatsmith/tools.py, wired by the caller): pass stop=("</tool_call>",) and
   include_stop_str_in_output=True; a result with stop_reason == "</tool_call>" holds the call in its text; run it and
   submit the conversation continued with the tool turn. (No prefix reuse: the continuation is prefilled again.)
@@ -56,10 +59,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import UserError
+from .common import UserError, log
 from .tokenizer import IncrementalDecoder, Tokenizer
 
-FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
+FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_ERROR = "stop", "length", "cancelled", "error"
 GREEDY_BELOW = 1e-5  # a smaller temperature > 0 means greedy (vLLM's threshold too): dividing fp32 logits by it
 # overflows, and the sampler would return the last id every time
 
@@ -235,6 +238,7 @@ class Request:
         self.text, self.token_ids = "", []
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
+        self.error: str | None = None  # finish_reason "error": the exception's type (its text goes to the log)
         self._engine, self._on_event = engine, on_event
         self._queue: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._done = threading.Event()
@@ -364,7 +368,10 @@ class Engine:
         """Step while there is work, else sleep until submit/cancel wakes it; return once `stop` is set."""
         while not stop.is_set():
             if self.has_work():
-                self.step()
+                try:
+                    self.step()
+                except Exception as e:  # outside the per-sequence isolation of step(): fail what is live, go on
+                    self._fail_live(e)
             else:
                 self._wakeup.wait(idle_wait)
                 self._wakeup.clear()
@@ -387,16 +394,62 @@ class Engine:
                 admitted = [self._waiting.popleft() for _ in range(min(len(self._free), len(self._waiting)))]
             for request in admitted:
                 seq = self._start(request)
-                logits = self.model.forward_cached(torch.tensor([request.prompt_ids], device=self.device),
-                                                   self.cache, [seq.slot], last_only=True)  # (1, 1, vocab)
-                self._accept(seq, self._sample([seq], logits[:, -1])[0], events)
+                for _, tokens in self._isolated([seq], self._prefill, events):
+                    self._accept(seq, tokens[0], events)
             live = sorted(self._live, key=lambda s: s.slot)
-            if live:
-                idx = torch.tensor([[s.last] for s in live], device=self.device)  # (B, 1)
-                logits = self.model.forward_cached(idx, self.cache, [s.slot for s in live])  # (B, 1, vocab)
-                for seq, token in zip(live, self._sample(live, logits[:, -1])):
+            for group, tokens in self._isolated(live, self._decode, events) if live else ():
+                for seq, token in zip(group, tokens):
                     self._accept(seq, token, events)
             return events
+
+    def _prefill(self, seqs: list[_Sequence]) -> list[int]:
+        (seq,) = seqs
+        logits = self.model.forward_cached(torch.tensor([seq.request.prompt_ids], device=self.device),
+                                           self.cache, [seq.slot], last_only=True)  # (1, 1, vocab)
+        return self._sample(seqs, logits[:, -1])
+
+    def _decode(self, seqs: list[_Sequence]) -> list[int]:
+        idx = torch.tensor([[s.last] for s in seqs], device=self.device)  # (B, 1)
+        logits = self.model.forward_cached(idx, self.cache, [s.slot for s in seqs])  # (B, 1, vocab)
+        return self._sample(seqs, logits[:, -1])
+
+    def _isolated(self, seqs: list[_Sequence], run: Callable[[list[_Sequence]], list[int]],
+                  events: list[Event]) -> list[tuple[list[_Sequence], list[int]]]:
+        """[(seqs, run(seqs))]; when that raises (a bad request, out of memory on a long prefill), each sequence is
+        run alone and the ones that still raise end with finish_reason "error" (slot freed), so one request cannot
+        take the others down. The cache lengths of a failed call are restored (a forward advances them last)."""
+        def attempt(group: list[_Sequence]) -> list[int]:
+            lengths = [self.cache.lengths[s.slot] for s in group]
+            try:
+                return run(group)
+            except Exception:
+                for s, n in zip(group, lengths):
+                    self.cache.lengths[s.slot] = n
+                raise
+
+        try:
+            return [(seqs, attempt(seqs))]
+        except Exception as e:
+            if len(seqs) == 1:
+                self._fail(seqs[0], e, events)
+                return []
+        done = []
+        for seq in seqs:
+            try:
+                done.append(([seq], attempt([seq])))
+            except Exception as e:
+                self._fail(seq, e, events)
+        return done
+
+    def _fail(self, seq: _Sequence, e: Exception, events: list[Event]) -> None:
+        seq.request.error = type(e).__name__
+        log(f"engine: request {seq.request.id} failed: {type(e).__name__}: {e}")
+        self._finish(seq, seq.request, Event(seq.request.id, "", [], FINISH_ERROR), events)
+
+    def _fail_live(self, e: Exception) -> None:
+        """After an error outside the isolation: every live sequence ends with "error"; the engine stays usable."""
+        for seq in list(self._live):
+            self._fail(seq, e, [])
 
     def _autocast(self):
         if self.autocast_dtype is None:
