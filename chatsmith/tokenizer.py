@@ -94,20 +94,25 @@ class Tokenizer:
         hf_tokenizer.encode_special_tokens = True  # literal "<|im_end|>" in text stays text (not saved in the json)
         self._tok = hf_tokenizer
         vocab = hf_tokenizer.get_vocab_size(with_added_tokens=True)
-        self._specials = {}
-        for i, name in enumerate(ALL_SPECIALS):
-            if hf_tokenizer.token_to_id(name) != i:
-                raise UserError(f"this tokenizer.json does not hold {name} at id {i}, so it was not written by "
-                                "chatsmith; run `chatsmith tokenizer train` to make one")
-            self._specials[name] = i
+        # ours: ALL_SPECIALS at ids 0..15; imported (`chatsmith import hf`, e.g. Qwen3): the ChatML specials by name
+        added = {t.content: i for i, t in hf_tokenizer.get_added_tokens_decoder().items() if t.special}
+        if all(hf_tokenizer.token_to_id(name) == i for i, name in enumerate(ALL_SPECIALS)):
+            self._specials = {name: i for i, name in enumerate(ALL_SPECIALS)}
+        elif all(name in added for name in SPECIAL_TOKENS):
+            self._specials = added
+        else:
+            raise UserError(f"this tokenizer.json has no special tokens {', '.join(SPECIAL_TOKENS)}, so it was not "
+                            "written by chatsmith nor is it a ChatML one; run `chatsmith tokenizer train` to make one")
+        special_ids = set(self._specials.values())
         byte_of = {c: b for b, c in bytes_to_unicode().items()}
-        table = [name.encode("utf-8") for name in ALL_SPECIALS]
         try:
-            table += [bytes(byte_of[c] for c in hf_tokenizer.id_to_token(i)) for i in range(N_SPECIAL, vocab)]
-        except (KeyError, TypeError):
+            table = [hf_tokenizer.id_to_token(i).encode("utf-8") if i in special_ids
+                     else bytes(byte_of[c] for c in hf_tokenizer.id_to_token(i)) for i in range(vocab)]
+        except (KeyError, TypeError, AttributeError):
             raise UserError("this tokenizer.json is not a byte-level BPE written by chatsmith; run "
                             "`chatsmith tokenizer train` to make one") from None
         self._bytes: tuple[bytes, ...] = tuple(table)  # id -> the bytes it decodes to
+        self._special_ids = frozenset(special_ids)
 
     # -- building, saving, loading -------------------------------------------------------------------------------
 
@@ -195,7 +200,8 @@ class Tokenizer:
         """int64 [vocab]: UTF-8 bytes each id decodes to, 0 for the specials (for bits per byte)."""
         import torch
 
-        return torch.tensor([0 if i < N_SPECIAL else len(b) for i, b in enumerate(self._bytes)], dtype=torch.int64)
+        return torch.tensor([0 if i in self._special_ids else len(b) for i, b in enumerate(self._bytes)],
+                            dtype=torch.int64)
 
     def incremental_decoder(self) -> IncrementalDecoder:
         return IncrementalDecoder(self)
