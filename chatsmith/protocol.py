@@ -23,14 +23,14 @@ How it is shaped:
   chunks carry `delta` / `text` and `"usage": null` when `stream_options.include_usage` asks for a final usage chunk.
   logprobs come in the chat shape ({"content": [{token, logprob, bytes, top_logprobs}]}) or the legacy completions
   shape (tokens, token_logprobs, top_logprobs, text_offset).
-- /metrics: `Metrics` keeps the counters (touched from the event loop only) and renders Prometheus text format
-  0.0.4, every family prefixed `chatsmith_`.
+- /metrics: `Metrics` keeps the counters in its own prometheus_client registry (the field's library writes and
+  escapes the exposition) with labels from fixed sets only: a path the server does not serve counts as "other".
 """
 
 import json
 import secrets
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 MAX_N = 16  # sequences per request (prompts x n)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+CANCEL_REASONS = ("disconnect", "timeout")
 
 
 class APIError(Exception):
@@ -122,16 +123,17 @@ class _StreamOptions(_Body):
 
 
 class Sampling(_Body):
-    """The fields both endpoints share; max_tokens None = not given."""
+    """The fields both endpoints share; None = not given (max_tokens: what the context leaves; temperature, top_p,
+    top_k, repetition_penalty: the endpoint's defaults, engine.CHAT_DEFAULTS for chat)."""
     model: Any = None
     max_tokens: _range(int, 1, 2**62) | None = None
-    temperature: _range(float, 0, 2) = 1.0
-    top_p: _range(float, 0, 1) = 1.0
-    top_k: _range(int, -1, 2**31) = 0  # -1 (vLLM's "off") = 0
+    temperature: _range(float, 0, 2) | None = None
+    top_p: _range(float, 0, 1) | None = None
+    top_k: _range(int, -1, 2**31) | None = None  # -1 (vLLM's "off") = 0
     min_p: _range(float, 0, 1) = 0.0
     presence_penalty: _range(float, -2, 2) = 0.0
     frequency_penalty: _range(float, -2, 2) = 0.0
-    repetition_penalty: _range(float, 0.01, 100) = 1.0
+    repetition_penalty: _range(float, 0.01, 100) | None = None
     seed: _range(int, -2**63, 2**64 - 1) | None = None
     stop: NonEmpty | Annotated[list[NonEmpty], Field(max_length=4)] = Field(
         (), description="a non-empty string or a list of at most 4 non-empty strings")
@@ -269,61 +271,83 @@ def logprobs_body(chat: bool, ids: list[int], scored: list[tuple[float, list[tup
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# /metrics (Prometheus text)
+# /metrics (Prometheus text, written by prometheus_client)
+
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/tools", "/health", "/metrics")
+
+
+def endpoint_label(path: str) -> str:
+    """The metrics label of a request path: one of ENDPOINTS (a model or tool id folds into its list), else "other".
+    A fixed set, so that no client can add label values (or forge sample lines) by choosing a path."""
+    for endpoint in ENDPOINTS:
+        if path == endpoint or path.startswith(endpoint + "/") and endpoint in ("/v1/models", "/v1/tools"):
+            return endpoint
+    return "other"
 
 
 class Metrics:
-    """What /metrics shows; touched from the event loop only (the engine's gauges are read at render time)."""
+    """What /metrics shows, in a registry of its own (no process-wide state); touched from the event loop only. The
+    engine's gauges are set when rendering. Every label value comes from a fixed set (`endpoint_label`, status codes,
+    cancel reasons), and prometheus_client escapes them anyway."""
 
-    def __init__(self) -> None:
-        self.requests: Counter[tuple[str, int]] = Counter()  # (endpoint, status) -> count
-        self.cancelled: Counter[str] = Counter()  # reason -> sequences
-        self.prompt_tokens = self.completion_tokens = 0
-        self.ttft_counts = [0] * (len(TTFT_BUCKETS) + 1)
-        self.ttft_sum = 0.0
+    def __init__(self, window: float = 10.0) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self._requests = Counter("chatsmith_requests", "HTTP requests by endpoint and status code (a stream counts "
+                                 "when it ends).", ["endpoint", "status"], registry=r)
+        self._prompt = Counter("chatsmith_prompt_tokens", "prompt tokens admitted.", registry=r)
+        self._completion = Counter("chatsmith_completion_tokens", "tokens generated.", registry=r)
+        self._cancelled = Counter("chatsmith_cancelled", "sequences cancelled, by reason (disconnect, timeout).",
+                                  ["reason"], registry=r)
+        self._errors = Counter("chatsmith_engine_errors", "sequences failed by an engine error (the engine went on).",
+                               registry=r)
+        self._ttft = Histogram("chatsmith_time_to_first_token_seconds", "from arrival to the first token of each "
+                               "sequence.", buckets=TTFT_BUCKETS, registry=r)
+        self._gauges = {name: Gauge(f"chatsmith_{name}", help, registry=r) for name, help in (
+            ("queue_depth", "sequences waiting for a KV-cache slot."),
+            ("live_sequences", "sequences holding a KV-cache slot."),
+            ("in_flight_sequences", "sequences admitted and not yet released."),
+            ("tokens_per_second", f"completion tokens per second over the last {window:g} s."))}
         self.recent: deque[tuple[float, int]] = deque()  # (time, tokens) over the last `window` seconds
-        self.window = 10.0
+        self.window = window
+
+    def request(self, endpoint: str, status: int) -> None:
+        """Count one answered request; `endpoint` is a path (folded by `endpoint_label`)."""
+        self._requests.labels(endpoint_label(endpoint), str(int(status))).inc()
+
+    def cancelled(self, reason: str, n: int = 1) -> None:
+        self._cancelled.labels(reason if reason in CANCEL_REASONS else "other").inc(n)
+
+    def engine_errors(self, n: int = 1) -> None:
+        self._errors.inc(n)
+
+    def prompt_tokens(self, n: int) -> None:
+        self._prompt.inc(n)
 
     def tokens(self, n: int) -> None:
         now = time.monotonic()
-        self.completion_tokens += n
+        self._completion.inc(n)
         self.recent.append((now, n))
         while self.recent and self.recent[0][0] < now - self.window:
             self.recent.popleft()
 
     def ttft(self, seconds: float) -> None:
-        self.ttft_sum += seconds
-        self.ttft_counts[next((i for i, b in enumerate(TTFT_BUCKETS) if seconds <= b), len(TTFT_BUCKETS))] += 1
+        self._ttft.observe(seconds)
 
-    def render(self, waiting: int, live: int, in_flight: int) -> str:
+    def render(self, waiting: int, live: int, in_flight: int) -> bytes:
+        """The exposition in Prometheus text format 0.0.4."""
+        from prometheus_client import generate_latest
+
         now = time.monotonic()
         rate = sum(n for t, n in self.recent if t >= now - self.window) / self.window
-        buckets, total = [], 0
-        for bound, count in zip((*TTFT_BUCKETS, "+Inf"), self.ttft_counts):
-            total += count
-            buckets.append((f'_bucket{{le="{bound}"}}', total))
-        families = [  # (name, type, help, [(suffix and labels, value)])
-            ("requests_total", "counter", "HTTP requests by endpoint and status code.",
-             [(f'{{endpoint="{e}",status="{s}"}}', n) for (e, s), n in sorted(self.requests.items())]),
-            ("prompt_tokens_total", "counter", "prompt tokens admitted.", [("", self.prompt_tokens)]),
-            ("completion_tokens_total", "counter", "tokens generated.", [("", self.completion_tokens)]),
-            ("queue_depth", "gauge", "sequences waiting for a KV-cache slot.", [("", waiting)]),
-            ("live_sequences", "gauge", "sequences holding a KV-cache slot.", [("", live)]),
-            ("in_flight_sequences", "gauge", "sequences admitted and not yet released.", [("", in_flight)]),
-            ("tokens_per_second", "gauge", f"completion tokens per second over the last {self.window:g} s.",
-             [("", f"{rate:.3f}")]),
-            ("cancelled_total", "counter", "sequences cancelled, by reason (disconnect, timeout).",
-             [(f'{{reason="{r}"}}', n) for r, n in sorted(self.cancelled.items())]),
-            ("time_to_first_token_seconds", "histogram", "from arrival to the first token of each sequence.",
-             [*buckets, ("_sum", f"{self.ttft_sum:.6f}"), ("_count", total)]),
-        ]
-        lines = []
-        for name, kind, help, samples in families:
-            lines += [f"# HELP chatsmith_{name} {help}", f"# TYPE chatsmith_{name} {kind}"]
-            lines += [f"chatsmith_{name}{suffix} {value}" for suffix, value in samples]
-        return "\n".join(lines) + "\n"
+        for name, value in (("queue_depth", waiting), ("live_sequences", live), ("in_flight_sequences", in_flight),
+                            ("tokens_per_second", rate)):
+            self._gauges[name].set(value)
+        return generate_latest(self.registry)
 
 
 __all__ = ["MAX_N", "ROLES", "TTFT_BUCKETS", "APIError", "ChatRequest", "Choice", "CompletionRequest", "Metrics",
+           "CANCEL_REASONS", "ENDPOINTS", "endpoint_label",
            "Sampling", "invalid_body", "invalid_value", "logprobs_body", "reply_choice", "reply_head", "sse",
            "stream_chunk"]

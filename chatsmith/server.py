@@ -8,8 +8,10 @@
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="s3cret")
     client.chat.completions.create(model="cpu", messages=[{"role": "user", "content": "Hi"}])
 
-Endpoints: POST /v1/chat/completions (stream or not), POST /v1/completions, GET /v1/models, GET /health (503 while
-the model loads, 200 when ready), GET /metrics (Prometheus text), and the UI's static files (chatsmith/ui) at `/`.
+Endpoints: POST /v1/chat/completions (stream or not), POST /v1/completions, GET /v1/models (with `max_model_len`,
+as vLLM, and the chat sampling defaults), GET /v1/tools and POST /v1/tools/{name} (the tools this server runs for
+the web UI: the calculator only), GET /health (503 while the model loads, 200 when ready), GET /metrics
+(Prometheus text), and the UI's static files (chatsmith/ui) at `/`.
 
 How it is shaped:
 - One engine thread runs `Engine.serve_forever` and batches every live sequence; the event loop never decodes. A
@@ -17,21 +19,35 @@ How it is shaped:
   `call_soon_threadsafe` into the request's asyncio.Queue. The only model work on another thread is the logprobs
   re-scoring (below), in a one-worker executor.
 - Both POST endpoints share one path (body -> Job -> Generation -> JSON reply or SSE chunks); they differ only in
-  how the prompt is built and how a choice is shaped.
+  how the prompt is built and how a choice is shaped. The body is read with a deadline (`--body-timeout`, then 408:
+  a slow-loris client cannot hold a handler forever); JSON parsing, validation and tokenizing (up to
+  `--max-body-bytes`) run in a small thread pool, off the event loop.
+- Defaults: a chat request that leaves out temperature, top_p, top_k or repetition_penalty gets engine.CHAT_DEFAULTS
+  (what `chatsmith chat` uses; vLLM likewise applies a model's generation config), a completions request OpenAI's
+  neutral ones. Without max_tokens a reply gets min(--max-tokens, what the context leaves after the prompt).
 - Admission: at most `slots + max_queue` sequences in flight (n counts n times); beyond that 429, with
   `x-should-retry: false` when the request alone exceeds the limit (retrying cannot help).
 - Deadline: `--timeout` seconds per request from arrival, queueing included; then its sequences are cancelled and
   the reply is a 504 error (streaming: an `error` event, which the openai client raises as APIError).
 - Disconnects: starlette cancels a streaming response when the client goes (ASGI 2.3 disconnect listener); a
   non-streaming handler watches `receive()` for `http.disconnect`. Either way the sequences are cancelled, which the
-  engine applies at its next step (within one decode step); `chatsmith_cancelled_total{reason}` counts them.
+  engine applies at its next step (within one decode step); `chatsmith_cancelled_total{reason}` counts them. The slot
+  is released around the whole streaming response (`_Stream`), not in its generator: a client that leaves before the
+  first chunk never starts the generator, whose `finally` would then never run.
+- Faults: a sequence whose engine step raises ends with finish_reason "error" (engine.py isolates it); its request
+  gets a 500 (or an SSE error event) and every other request goes on. No exception text reaches a client: /health
+  and 503 bodies say what failed in words, the log has the details.
+- /metrics: a request is counted once, when it ends, with its final status (a stream that hits the deadline is a
+  504, one whose client left a 499); labels come from fixed sets (protocol.endpoint_label).
 - The model id is the run's name (`--model-name` overrides). `model` may be omitted; any other id is a 404.
 - Tools: when a request passes `tools` (and tool_choice is not "none"), generation stops at the first
   `</tool_call>` (as in `engine.chat`), the model's `<tool_call>{json}</tool_call>` becomes `tool_calls` and
-  finish_reason "tool_calls"; streamed text is held back from `<tool_call>` on. The server never runs tools: the
-  client does, and sends the result back as a `tool` message. The tool definitions are not shown to the model (the
+  finish_reason "tool_calls"; streamed text is held back from `<tool_call>` on. The chat endpoints never run tools:
+  the client does, and sends the result back as a `tool` message. The tool definitions are not shown to the model (the
   chat template does not render them; our models know the calculator and python tools from SFT), and
-  tool_choice "required" or a named function is accepted but not enforced. One call per turn.
+  tool_choice "required" or a named function is accepted but not enforced. One call per turn. For the web UI (which
+  cannot compute anything itself) `POST /v1/tools/calculator` runs the calculator of tools.py; model-written Python
+  is never run on behalf of an HTTP client.
 - response_format json_object (and "text") is accepted; nothing constrains decoding, so the output is JSON only
   when the model writes JSON. json_schema is refused with 400.
 - logprobs: the engine does not return them, so after generation the prompt + completion are scored with one
@@ -40,8 +56,8 @@ How it is shaped:
   without filters or penalties. A stop token (`<|im_end|>`) at the end gets no entry. When streaming, all logprobs
   come with the last chunk of each choice.
 - The wire format lives in protocol.py: the strict request models and their 400s, the error body, reply, chunk and
-  logprobs shapes, a choice's text -> content/tool_calls (`Choice`) and the /metrics text (`Metrics`). This file
-  reads the body (size limit; JSON NaN/Infinity refused), runs the request and serves it.
+  logprobs shapes, a choice's text -> content/tool_calls (`Choice`) and the /metrics registry (`Metrics`). This file
+  reads the body (size and time limits; JSON NaN/Infinity refused), runs the request and serves it.
 """
 
 
@@ -79,20 +95,28 @@ from .protocol import (
     stream_chunk,
 )
 
+WEB_TOOLS = ("calculator",)  # the tools of tools.py that /v1/tools runs for a client (never model-written code)
+STATUS_CLIENT_GONE = 499  # nginx's "client closed request", for /metrics
+
 
 @dataclass(frozen=True)
 class ServeConfig:
     host: str = opt("127.0.0.1", "address to bind; 0.0.0.0 exposes the server to the network")
-    port: int = opt(8000, "TCP port")
+    port: int = opt(8000, "TCP port", min=0, max=65535)
     api_key: str = opt("", "require `Authorization: Bearer KEY` on /v1 and /metrics (else $CHATSMITH_API_KEY; "
                            "empty = open)")
-    slots: int = opt(8, "sequences decoded together (KV-cache slots)")
-    max_queue: int = opt(64, "sequences that may wait for a slot; more get 429")
-    max_body_bytes: int = opt(1_000_000, "largest request body; more gets 413")
-    timeout: float = opt(600.0, "per-request deadline in seconds, queueing included; then 504")
-    max_tokens: int = opt(512, "default max_tokens of a chat completion (capped by what the context leaves)")
+    slots: int = opt(8, "sequences decoded together (KV-cache slots)", min=1, max=4096)
+    max_queue: int = opt(64, "sequences that may wait for a slot; more get 429", min=0, max=1_000_000)
+    max_body_bytes: int = opt(1_000_000, "largest request body; more gets 413", min=1, max=1 << 30)
+    body_timeout: float = opt(10.0, "seconds a client may take to send its request body; then 408", min=0.001,
+                              max=3600)
+    timeout: float = opt(600.0, "per-request deadline in seconds, queueing included; then 504", min=0.001,
+                         max=86400 * 7)
+    max_tokens: int = opt(512, "default max_tokens of a chat completion (capped by what the context leaves)", min=1,
+                          max=1 << 30)
     model_name: str = opt("", "model id clients see; default: the run's name")
-    keepalive: float = opt(5.0, "seconds between `: keep-alive` SSE comments while a stream waits")
+    keepalive: float = opt(5.0, "seconds between `: keep-alive` SSE comments while a stream waits", min=0.001,
+                           max=3600)
     ui: bool = opt(True, "serve the web UI (chatsmith/ui) at /")
 
 
@@ -107,11 +131,13 @@ class ServeStage:
 
 
 class Server:
-    """Everything the app needs; `engine` is None until `start` (then /health turns 200)."""
+    """Everything the app needs; `engine` is None until `start` (then /health turns 200). `error` is what clients
+    see when the server cannot serve: words only, never an exception's text (it may hold absolute paths)."""
 
     def __init__(self, cfg: ServeConfig, api_key: str = "") -> None:
-        if cfg.slots < 1 or cfg.max_queue < 0 or cfg.max_body_bytes < 1 or cfg.timeout <= 0:
-            raise UserError("--slots and --max-body-bytes must be >= 1, --max-queue >= 0 and --timeout > 0")
+        if cfg.slots < 1 or cfg.max_queue < 0 or cfg.max_body_bytes < 1 or cfg.timeout <= 0 or cfg.body_timeout <= 0:
+            raise UserError("--slots and --max-body-bytes must be >= 1, --max-queue >= 0, --timeout and "
+                            "--body-timeout > 0")
         self.cfg, self.api_key = cfg, api_key
         self.engine = self.tokenizer = self.model_id = None
         self.error: str | None = None
@@ -121,6 +147,7 @@ class Server:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._scorer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chatsmith-logprobs")
+        self.workers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="chatsmith-parse")  # off the loop
         self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}  # request id -> bridge
 
     def start(self, engine, tokenizer, model_id: str) -> None:
@@ -129,12 +156,16 @@ class Server:
         self._thread = threading.Thread(target=self._run_engine, name="chatsmith-engine", daemon=True)
         self._thread.start()
 
+    def fail(self, what: str, e: BaseException) -> None:
+        """Stop serving because `what` failed: the log gets the exception, clients only `what`."""
+        self.error = f"{what}; the server log says why"
+        log(f"serve: {what}: {type(e).__name__}: {e}")
+
     def _run_engine(self) -> None:
         try:
             self.engine.serve_forever(self._stop)
-        except Exception as e:  # a model bug: fail every waiting handler instead of leaving it hanging
-            self.error = f"the engine stopped: {type(e).__name__}"
-            log(f"serve: {self.error}: {e}")
+        except Exception as e:  # serve_forever isolates step errors; this is a last resort: fail every waiting handler
+            self.fail("the engine stopped", e)
             for loop, q in list(self._pending.values()):
                 with contextlib.suppress(RuntimeError):  # a closed loop must not kill this thread
                     loop.call_soon_threadsafe(q.put_nowait, None)
@@ -144,6 +175,7 @@ class Server:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self._scorer.shutdown(wait=False, cancel_futures=True)
+        self.workers.shutdown(wait=False, cancel_futures=True)
 
     @property
     def ready(self) -> bool:
@@ -176,9 +208,24 @@ class Job:
     echo: list[str] | None  # completions: prompt text per sequence when echo
 
 
+def parse_body(body: bytes) -> dict:
+    """The JSON object of a request body (NaN and Infinity refused: they are not JSON; bad UTF-8 is a 400)."""
+    def no_constants(name: str):
+        raise ValueError(name)
+
+    try:
+        data = json.loads(body, parse_constant=no_constants)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return data
+
+
 def build_job(server: Server, body: dict, chat: bool) -> Job:
-    """Validate a POST body into prompts and SamplingParams; every problem is an APIError."""
-    from .engine import SamplingParams
+    """Validate a POST body into prompts and SamplingParams; every problem is an APIError. Blocking (tokenizes):
+    the app runs it in `server.workers`."""
+    from .engine import CHAT_DEFAULTS, SamplingParams
     from .tokenizer import TOOL_CALL_CLOSE, ConversationError
 
     tok, max_len, schema = server.tokenizer, server.engine.max_len, ChatRequest if chat else CompletionRequest
@@ -228,11 +275,18 @@ def build_job(server: Server, body: dict, chat: bool) -> Job:
                             f"shorten the prompt or lower max_tokens", param="messages" if chat else "prompt",
                        code="context_length_exceeded")
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
+    base = CHAT_DEFAULTS if chat else SamplingParams()  # for what the request leaves out
+
+    def given(name: str):
+        value = getattr(req, name)
+        return getattr(base, name) if value is None else value
+
     try:
         params = [SamplingParams(
-            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p or 1e-9, top_k=max(0, req.top_k),
-            min_p=req.min_p, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-            repetition_penalty=req.repetition_penalty, seed=None if req.seed is None else (req.seed + j) % 2**64,
+            max_tokens=max_tokens, temperature=given("temperature"), top_p=given("top_p") or 1e-9,
+            top_k=max(0, given("top_k")), min_p=req.min_p, presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty, repetition_penalty=given("repetition_penalty"),
+            seed=None if req.seed is None else (req.seed + j) % 2**64,
             stop=(*stop, TOOL_CALL_CLOSE) if tools else stop) for j in range(req.n)]
     except UserError as e:
         raise invalid_value("sampling", str(e)) from None
@@ -240,7 +294,8 @@ def build_job(server: Server, body: dict, chat: bool) -> Job:
 
 
 class Generation:
-    """The sequences of one HTTP request in flight: admit, iterate events until the deadline, release."""
+    """The sequences of one HTTP request in flight: admit, iterate events until the deadline, release. `status` is
+    what /metrics counts when it ends (499 until it finishes or fails otherwise)."""
 
     def __init__(self, server: Server, job: Job, arrived: float):
         self.server, self.job, self.arrived = server, job, arrived
@@ -248,10 +303,12 @@ class Generation:
         self.choices = [Choice(job.tools) for _ in job.prompts]
         self.requests: list = []
         self.cancel_reason: str | None = "disconnect"
+        self.status = STATUS_CLIENT_GONE
         self.released = False
 
     def admit(self) -> None:
-        """Submit one engine sequence per prompt, or refuse with 429; each event arrives in `queue` as (i, Event)."""
+        """Submit one engine sequence per prompt, or refuse with 429; each event arrives in `queue` as (i, Event).
+        Whatever was submitted counts in `in_flight` at once, so that `release` undoes exactly that."""
         s, cfg = self.server, self.server.cfg
         n, capacity = len(self.job.prompts), cfg.slots + cfg.max_queue
         if n > capacity:
@@ -262,14 +319,18 @@ class Generation:
                                 f"retry later", code="queue_full", type="rate_limit_error",
                            headers={"retry-after": "1"})
         loop = asyncio.get_running_loop()
-        for i, (prompt, params) in enumerate(zip(self.job.prompts, self.job.params)):
-            def on_event(event, i=i):  # on the engine thread
-                with contextlib.suppress(RuntimeError):  # a closed loop must not kill that thread
-                    loop.call_soon_threadsafe(self.queue.put_nowait, (i, event))
-            self.requests.append(s.engine.submit(prompt, params, on_event=on_event))
-            s._pending[self.requests[-1].id] = (loop, self.queue)
-        s.in_flight += n
-        s.metrics.prompt_tokens += self.usage()["prompt_tokens"]
+        try:
+            for i, (prompt, params) in enumerate(zip(self.job.prompts, self.job.params)):
+                def on_event(event, i=i):  # on the engine thread
+                    with contextlib.suppress(RuntimeError):  # a closed loop must not kill that thread
+                        loop.call_soon_threadsafe(self.queue.put_nowait, (i, event))
+                self.requests.append(s.engine.submit(prompt, params, on_event=on_event))
+                s._pending[self.requests[-1].id] = (loop, self.queue)
+                s.in_flight += 1
+        except BaseException:
+            self.release()
+            raise
+        s.metrics.prompt_tokens(self.usage()["prompt_tokens"])
 
     async def events(self, keepalive: float | None = None):
         """Yields (index, text delta, finished) per event, or None every `keepalive` s without one."""
@@ -298,6 +359,11 @@ class Generation:
                 if choice.first_at is None:
                     choice.first_at = time.monotonic()
                     self.server.metrics.ttft(choice.first_at - self.arrived)
+            if event.finish_reason == "error":
+                self.server.metrics.engine_errors()
+                raise APIError(500, f"the engine failed on this request ({self.requests[i].error}); the other "
+                                    f"requests go on, and the server log says why", type="server_error",
+                               code="engine_error")
             delta = choice.push(event.text)
             if event.finish_reason is not None:
                 left -= 1
@@ -307,7 +373,7 @@ class Generation:
 
     def release(self) -> None:
         """The handler is done: cancel what still runs (counted under `cancel_reason`); the engine applies it at its
-        next step."""
+        next step. Idempotent; called on every path out of a request."""
         if self.released:
             return
         self.released, s = True, self.server
@@ -315,7 +381,7 @@ class Generation:
         for r in running:
             r.cancel()
         if running and self.cancel_reason:
-            s.metrics.cancelled[self.cancel_reason] += len(running)
+            s.metrics.cancelled(self.cancel_reason, len(running))
         for r in self.requests:
             s._pending.pop(r.id, None)
         s.in_flight -= len(self.requests)
@@ -344,17 +410,38 @@ class Generation:
 # the app
 
 
+def _guard(app, server: Server):
+    """Pure ASGI middleware: the API key on /v1 and /metrics (a 401 is counted under a fixed endpoint label)."""
+    from fastapi.responses import JSONResponse
+
+    async def guarded(scope, receive, send):
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if server.api_key and (path.startswith("/v1") or path == "/metrics"):
+            given = dict(scope.get("headers") or ()).get(b"authorization", b"").decode("latin-1")
+            token = given[7:] if given[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(token.encode("utf-8", "replace"), server.api_key.encode()):
+                e = APIError(401, "Incorrect or missing API key; send `Authorization: Bearer KEY`",
+                             code="invalid_api_key")
+                server.metrics.request(path, e.status)
+                await JSONResponse(e.body(), status_code=e.status)(scope, receive, send)
+                return
+        await app(scope, receive, send)
+
+    return guarded
+
+
 def create_app(server: Server, ui_dir: Path | None = None):
-    """The FastAPI app over `server` (which may still be loading)."""
+    """The ASGI app over `server` (which may still be loading): FastAPI behind the API-key guard."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 
     app = FastAPI(title="chatsmith", docs_url=None, redoc_url=None, openapi_url=None)
 
     def error_response(e: APIError, endpoint: str | None = None) -> JSONResponse:
         if endpoint:
-            server.metrics.requests[endpoint, e.status] += 1
+            server.metrics.request(endpoint, e.status)
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(APIError)
@@ -371,74 +458,73 @@ def create_app(server: Server, ui_dir: Path | None = None):
         log(f"serve: internal error {type(e).__name__}: {e}")
         return error_response(APIError(500, "internal server error", type="server_error"))
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        path = request.url.path
-        if server.api_key and (path.startswith("/v1") or path == "/metrics"):
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given[:7].lower() == "bearer " else ""
-            if not hmac.compare_digest(token.encode(), server.api_key.encode()):
-                return error_response(APIError(401, "Incorrect or missing API key; send `Authorization: Bearer KEY`",
-                                               code="invalid_api_key"), path)
-        return await call_next(request)
-
-    async def read_json(request: Request) -> dict:
+    async def read_body(request: Request) -> bytes:
+        """The body, at most `max_body_bytes` (413) within `body_timeout` seconds (408)."""
         limit, declared = server.cfg.max_body_bytes, request.headers.get("content-length", "")
-        body = bytearray()
-        if not (declared.isdigit() and int(declared) > limit):  # else refuse without reading
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > limit:
-                    break
-        if len(body) > limit or declared.isdigit() and int(declared) > limit:
+        if declared.isdigit() and int(declared) > limit:  # refuse without reading
             raise APIError(413, f"the request body is over the server's {limit}-byte limit", code="body_too_large")
+        body = bytearray()
 
-        def no_constants(name: str):
-            raise ValueError(name)
+        async def read() -> None:
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > limit:
+                    raise APIError(413, f"the request body is over the server's {limit}-byte limit",
+                                   code="body_too_large")
 
         try:
-            data = json.loads(body, parse_constant=no_constants)  # NaN and Infinity are not JSON
-        except (ValueError, RecursionError):
-            raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-        return data
+            await asyncio.wait_for(read(), server.cfg.body_timeout)
+        except TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {server.cfg.body_timeout:g} s",
+                           code="body_timeout", headers={"connection": "close"}) from None
+        return bytes(body)
 
     def require_ready() -> None:
         if not server.ready:
             raise APIError(503, server.error or "the model is still loading; retry in a moment", type="server_error",
                            code="loading")
 
+    async def off_loop(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(server.workers, fn, *args)
+
+    def prepare(raw: bytes, chat: bool) -> Job:
+        return build_job(server, parse_body(raw), chat)
+
     async def handle(request: Request, chat: bool, endpoint: str):
         arrived = time.monotonic()
         try:
             require_ready()
-            gen = Generation(server, build_job(server, await read_json(request), chat), arrived)
+            gen = Generation(server, await off_loop(prepare, await read_body(request), chat), arrived)
             gen.admit()
         except APIError as e:
             return error_response(e, endpoint)
-        server.metrics.requests[endpoint, 200] += 1
+        except ClientDisconnect:  # gone while sending its body: nobody to answer
+            server.metrics.request(endpoint, STATUS_CLIENT_GONE)
+            return Response(status_code=STATUS_CLIENT_GONE)
         if gen.job.req.stream:
-            return StreamingResponse(stream(gen), media_type="text/event-stream",
-                                     headers={"X-Accel-Buffering": "no", "Cache-Control": "no-cache"})
+            return _Stream(gen, endpoint, stream(gen), media_type="text/event-stream",
+                           headers={"X-Accel-Buffering": "no", "Cache-Control": "no-cache"})
         watcher = asyncio.ensure_future(_wait_disconnect(request))
         try:
             consume = asyncio.ensure_future(_drain(gen))
             done, _ = await asyncio.wait({consume, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if consume not in done:  # the client left: release() cancels the sequences
                 consume.cancel()
-                return Response(status_code=499)
+                return Response(status_code=STATUS_CLIENT_GONE)
             consume.result()
             echo = gen.job.echo or [""] * len(gen.choices)
             choices = [reply_choice(chat, i, c.content if chat else echo[i] + c.content, c.tool_calls,
                                     await gen.logprobs(i), c.finish_reason) for i, c in enumerate(gen.choices)]
+            gen.status = 200
             return JSONResponse({**reply_head(chat, "chat.completion", server.model_id), "choices": choices,
                                  "usage": gen.usage()})
         except APIError as e:
+            gen.status = e.status
             return error_response(e)
         finally:
             watcher.cancel()
             gen.release()
+            server.metrics.request(endpoint, gen.status)
 
     async def stream(gen: Generation):
         chat, usage = gen.job.chat, gen.job.req.stream_options and gen.job.req.stream_options.include_usage
@@ -467,11 +553,27 @@ def create_app(server: Server, ui_dir: Path | None = None):
                     yield chunk(i, delta if chat else "", c.finish_reason, await gen.logprobs(i))
             if usage:
                 yield sse({**base, "choices": [], "usage": gen.usage()})
+            gen.status = 200
             yield "data: [DONE]\n\n"
         except APIError as e:
+            gen.status = e.status
             yield sse(e.body())
         finally:
             gen.release()
+
+    class _Stream(StreamingResponse):
+        """A streaming reply that releases its generation however the response ends, and counts it then."""
+
+        def __init__(self, gen: Generation, endpoint: str, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.gen, self.endpoint = gen, endpoint
+
+        async def __call__(self, scope, receive, send) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.gen.release()
+                server.metrics.request(self.endpoint, self.gen.status)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -482,8 +584,11 @@ def create_app(server: Server, ui_dir: Path | None = None):
         return await handle(request, False, "/v1/completions")
 
     def model_card() -> dict:
+        from .engine import CHAT_DEFAULTS
+
+        sampling = {k: getattr(CHAT_DEFAULTS, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty")}
         return {"id": server.model_id, "object": "model", "created": server.created, "owned_by": "chatsmith",
-                "max_model_len": server.engine.max_len}
+                "max_model_len": server.engine.max_len, "sampling_defaults": sampling}
 
     @app.get("/v1/models")
     async def models():
@@ -497,6 +602,31 @@ def create_app(server: Server, ui_dir: Path | None = None):
             raise APIError(404, f"The model {model_id[:80]!r} does not exist", param="model", code="model_not_found")
         return model_card()
 
+    @app.get("/v1/tools")
+    async def tools_list():
+        from .tools import TOOLS
+
+        return {"object": "list", "data": [TOOLS[name].to_openai() for name in WEB_TOOLS]}
+
+    @app.post("/v1/tools/{name}")
+    async def tools_run(name: str, request: Request):
+        """Run one of WEB_TOOLS: {"arguments": {...} or its JSON text} -> {"content": the tool turn's text}."""
+        from .tools import run_tool
+
+        try:
+            if name not in WEB_TOOLS:
+                raise APIError(404, f"this server runs no tool {name[:40]!r}; GET /v1/tools lists them",
+                               code="tool_not_found")
+            body = await off_loop(parse_body, await read_body(request))
+            arguments = body.get("arguments", {})
+            if not isinstance(arguments, dict | str):
+                raise invalid_value("arguments", "arguments must be a JSON object or its text")
+            content = await off_loop(run_tool, name, arguments)
+        except APIError as e:
+            return error_response(e, "/v1/tools")
+        server.metrics.request("/v1/tools", 200)
+        return {"content": content}
+
     @app.get("/health")
     async def health():
         if server.ready:
@@ -509,14 +639,14 @@ def create_app(server: Server, ui_dir: Path | None = None):
         engine = server.engine
         text = server.metrics.render(engine.num_waiting if engine else 0, engine.num_live if engine else 0,
                                      server.in_flight)
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     ui_dir = ui_dir or Path(__file__).parent / "ui"
     if server.cfg.ui and ui_dir.is_dir():
         from fastapi.staticfiles import StaticFiles
 
         app.mount("/", StaticFiles(directory=ui_dir, html=True), name="ui")
-    return app
+    return _guard(app, server)
 
 
 async def _drain(gen: Generation) -> None:
@@ -547,6 +677,19 @@ def load_into(server: Server, load: LoadConfig) -> None:
     server.start(engine, loaded.tokenizer, server.cfg.model_name or loaded.run.name)
 
 
+def load_or_fail(server: Server, load: LoadConfig) -> UserError | None:
+    """`load_into`, for the loading thread: a UserError is returned (the command ends with it); any other failure
+    leaves the server up to answer 503 with words on /health (the exception text only in the log)."""
+    try:
+        load_into(server, load)
+    except UserError as e:
+        server.fail("no model to serve", e)
+        return e
+    except Exception as e:
+        server.fail("loading the model failed", e)
+    return None
+
+
 def main(cfg: ServeStage) -> int:
     """`chatsmith serve`: bind first (so /health answers 503 while the model loads), load, serve until Ctrl-C."""
     import uvicorn
@@ -559,16 +702,12 @@ def main(cfg: ServeStage) -> int:
     failure: list[UserError] = []
 
     def load() -> None:
-        try:
-            load_into(server, cfg.load)
-            log(f"serve: ready on http://{s.host}:{s.port}/ (model id {server.model_id!r})")
-        except UserError as e:
-            failure.append(e)
-            server.error = str(e)
+        error = load_or_fail(server, cfg.load)
+        if error is not None:
+            failure.append(error)
             uv.should_exit = True
-        except Exception as e:  # leave the server up to say why on /health
-            server.error = f"loading failed: {type(e).__name__}: {e}"
-            log(f"serve: {server.error}")
+        elif server.ready:
+            log(f"serve: ready on http://{s.host}:{s.port}/ (model id {server.model_id!r})")
 
     threading.Thread(target=load, name="chatsmith-load", daemon=True).start()
     try:
@@ -603,5 +742,5 @@ def serve_in_thread(server: Server, app=None, host: str = "127.0.0.1", port: int
     return uv, f"http://{host}:{sock.getsockname()[1]}"
 
 
-__all__ = ["ServeConfig", "ServeStage", "Server", "create_app", "load_into", "main",
-           "serve_in_thread"]
+__all__ = ["WEB_TOOLS", "ServeConfig", "ServeStage", "Server", "build_job", "create_app", "load_into",
+           "load_or_fail", "main", "parse_body", "serve_in_thread"]

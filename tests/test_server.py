@@ -10,6 +10,7 @@ POST bodies checks that nothing answers 5xx or hangs.
     .venv/bin/pytest tests/test_server.py -q
 """
 
+import dataclasses
 import json
 import os
 import threading
@@ -25,7 +26,7 @@ from hypothesis import strategies as st
 from test_cli_chat import TEXT, save_run
 
 from chatsmith.checkpoint import LoadConfig, load_model
-from chatsmith.engine import Engine, SamplingParams
+from chatsmith.engine import CHAT_DEFAULTS, Engine, SamplingParams
 from chatsmith.model import KVCache
 from chatsmith.server import ServeConfig, Server, load_into, serve_in_thread
 from chatsmith.tokenizer import Tokenizer
@@ -80,8 +81,9 @@ def real(tok, tmp_path_factory):
             os.environ["CHATSMITH_HOME"] = old
 
 
-def reference(real, prompt: list[int], **params):
-    return real.engine.generate(prompt, SamplingParams(**params))
+def reference(real, prompt: list[int], chat: bool = True, **params):
+    """The engine's own decoding, with the defaults the endpoint applies to the fields a request leaves out."""
+    return real.engine.generate(prompt, dataclasses.replace(CHAT_DEFAULTS if chat else SamplingParams(), **params))
 
 
 def test_health_models_and_a_greedy_reply_equal_the_engine(real):
@@ -149,7 +151,7 @@ def test_logprobs_equal_a_full_forward(real):
 def test_completions_endpoint_continues_text(real):
     tok = real.loaded.tokenizer
     r = real.client.completions.create(model="tiny", prompt="Hello there", max_tokens=5, temperature=0, echo=True)
-    ref = reference(real, tok.encode("Hello there", bos=True), max_tokens=5, temperature=0)
+    ref = reference(real, tok.encode("Hello there", bos=True), chat=False, max_tokens=5, temperature=0)
     assert r.choices[0].text == "Hello there" + ref.text and r.object == "text_completion"
     streamed = real.client.completions.create(model="tiny", prompt="Hello there", max_tokens=5, temperature=0,
                                               stream=True)
