@@ -433,8 +433,9 @@ class LoadConfig:
     device: str = opt("auto", "auto, cpu, cuda or mps")
     precision: str = opt("auto", "auto (bf16 on CUDA >= sm80 and AMX CPUs, else fp32), bf16 or fp32")
     threads: int = opt(1, "torch intra-op threads for decoding (1 is fastest for small models on a busy CPU); "
-                          "0 leaves torch's default")
-    context: int = opt(0, "context window in tokens (KV cache length); 0 means the model's seq_len")
+                          "0 leaves torch's default", min=0, max=4096)
+    context: int = opt(0, "context window in tokens (KV cache length); 0 means the model's seq_len", min=0,
+                       max=2**20)
 
 
 @dataclass

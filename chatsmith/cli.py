@@ -52,16 +52,19 @@ input: end a line with \\ to continue on the next one; a line of three double qu
 class ChatConfig:
     prompt: str = opt("", "one-shot: answer this prompt, print the reply and exit", alias="-p")
     system: str = opt("", "system prompt")
-    temperature: float = opt(CHAT_DEFAULTS.temperature, "sampling temperature; 0 = greedy")
-    top_k: int = opt(CHAT_DEFAULTS.top_k, "sample from the k most likely tokens; 0 = off")
-    top_p: float = opt(CHAT_DEFAULTS.top_p, "nucleus sampling mass; 1 = off")
+    temperature: float = opt(CHAT_DEFAULTS.temperature, "sampling temperature; 0 = greedy", min=0.0,
+                              max=100.0)
+    top_k: int = opt(CHAT_DEFAULTS.top_k, "sample from the k most likely tokens; 0 = off", min=0,
+                      max=2**24)
+    top_p: float = opt(CHAT_DEFAULTS.top_p, "nucleus sampling mass; 1 = off", min=1e-6, max=1.0)
     repetition_penalty: float = opt(CHAT_DEFAULTS.repetition_penalty, "penalise tokens already in the conversation "
                                     "by this factor (llama.cpp's and Ollama's default; small models loop without "
-                                    "it); 1 = off")
-    max_tokens: int = opt(CHAT_DEFAULTS.max_tokens, "most tokens per reply (per round when tools are called)")
-    seed: int = opt(-1, "sampling seed (each reply adds its number); -1 = random")
+                                    "it); 1 = off", min=0.01, max=100.0)
+    max_tokens: int = opt(CHAT_DEFAULTS.max_tokens, "most tokens per reply (per round when tools are called)",
+                          min=1, max=2**20)
+    seed: int = opt(-1, "sampling seed (each reply adds its number); -1 = random", min=-1, max=2**32 - 1)
     tools: bool = opt(True, "let the model call the calculator and python tools")
-    max_tool_calls: int = opt(4, "most tool calls in one reply")
+    max_tool_calls: int = opt(4, "most tool calls in one reply", min=0, max=100)
 
 
 @dataclass(frozen=True)

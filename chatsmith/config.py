@@ -24,15 +24,17 @@ from .model import ModelConfig
 
 
 def opt(default, help: str, alias: str = "", *, min: float | None = None, max: float | None = None,
-        choices: tuple | None = None):
+        choices: tuple | None = None, length: int | None = None, positional: bool = False):
     """A dataclass field with a default, the help text its command-line flag shows, an optional second flag (a short
     one like -p, or another long name), and the values it accepts: `min`/`max` bound a number (inclusive), `choices`
-    lists the allowed values. `make` checks every field against them (and every float for NaN and infinity), so a
-    bad value ends in one sentence that names the flag, never in a traceback deep inside a stage."""
+    lists the allowed values, `length` the number of values of a tuple. `make` checks every field against them
+    (and every float for NaN and infinity), so a bad value ends in one sentence that names the flag, never in a
+    traceback deep inside a stage. `positional` also
+    accepts the value as an optional bare word (`chatsmith report cpu` = `chatsmith report --run cpu`)."""
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple for sequence defaults: configs are frozen")
     return field(default=default, metadata={"help": help, "alias": alias, "min": min, "max": max,
-                                            "choices": choices})
+                                            "choices": choices, "length": length, "positional": positional})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -44,7 +46,7 @@ class RunConfig:
     run: str = opt("", "run name under $CHATSMITH_HOME/runs; default: the preset name (under torchrun write "
                        "--run-name: torchrun's own --run-path makes --run ambiguous to it)", alias="--run-name")
     preset: str = opt("cpu", "preset: smoke (tests, seconds) or cpu (the CPU speedrun, minutes)")
-    seed: int = opt(1337, "random seed for everything")
+    seed: int = opt(1337, "random seed for everything (also the order of the training data)", min=0, max=2**32 - 1)
 
 
 @dataclass(frozen=True)
@@ -53,53 +55,72 @@ class DataConfig:
         ("pkg:sharegpt", "pkg:people-daily", "pkg:idioms", "pkg:chatterbot"),
         "document sources: local:PATH, hf:NAME[:CONFIG]:SPLIT, pkg:sharegpt|people-daily|idioms|chatterbot",
     )
-    val_fraction: float = opt(0.01, "fraction of documents held out for validation (by document hash)")
-    max_docs: int = opt(0, "stop after this many documents per source; 0 means all")
+    val_fraction: float = opt(0.01, "fraction of documents held out for validation (by document hash)", min=0.0,
+                               max=0.9)
+    max_docs: int = opt(0, "stop after this many documents per source; 0 means all", min=0, max=10**12)
     text_field: str = opt("text", "field holding the text in jsonl and parquet sources")
 
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    vocab_size: int = opt(32768, "BPE vocabulary size including special tokens")
-    train_chars: int = opt(200_000_000, "characters of training documents the BPE is trained on")
+    vocab_size: int = opt(32768, "BPE vocabulary size including special tokens", min=272, max=2**24)
+    train_chars: int = opt(200_000_000, "characters of training documents the BPE is trained on", min=1,
+                          max=10**12)
 
 
 @dataclass(frozen=True)
 class ShardConfig:
-    shard_docs: int = opt(2048, "documents per token shard")
-    workers: int = opt(0, "tokenizer processes for data prepare; 0 means one per CPU core")
+    shard_docs: int = opt(2048, "documents per token shard", min=1, max=10**9)
+    workers: int = opt(0, "tokenizer processes for data prepare; 0 means one per CPU core", min=0, max=4096)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    matrix_lr: float = opt(0.02, "Muon learning rate for hidden weight matrices")
-    embed_lr: float = opt(0.2, "AdamW learning rate for the token embedding (scaled by 1/sqrt(width/768))")
-    head_lr: float = opt(0.004, "AdamW learning rate for the output head (scaled by 1/sqrt(width/768))")
-    scalar_lr: float = opt(0.04, "AdamW learning rate for norm weights (scaled by 1/sqrt(width/768))")
-    weight_decay: float = opt(0.0, "decoupled weight decay on hidden matrices")
-    adam_betas: tuple[float, ...] = opt((0.8, 0.95), "AdamW betas")
-    adam_eps: float = opt(1e-10, "AdamW epsilon")
-    warmup_frac: float = opt(0.0, "fraction of steps spent warming the learning rate up")
-    warmdown_frac: float = opt(0.2, "fraction of steps at the end spent decaying the learning rate to zero")
-    final_lr_frac: float = opt(0.0, "learning rate at the very end, as a fraction of the peak")
+    matrix_lr: float = opt(0.02, "Muon learning rate for hidden weight matrices", min=0.0, max=10.0)
+    embed_lr: float = opt(0.2, "AdamW learning rate for the token embedding (scaled by 1/sqrt(width/768))",
+                           min=0.0, max=10.0)
+    head_lr: float = opt(0.004, "AdamW learning rate for the output head (scaled by 1/sqrt(width/768))",
+                          min=0.0, max=10.0)
+    scalar_lr: float = opt(0.04, "AdamW learning rate for norm weights (scaled by 1/sqrt(width/768))",
+                            min=0.0, max=10.0)
+    weight_decay: float = opt(0.0, "decoupled weight decay on hidden matrices", min=0.0, max=1.0)
+    adam_betas: tuple[float, ...] = opt((0.8, 0.95), "AdamW betas: two numbers", min=0.0, max=0.9999999,
+                                          length=2)
+    adam_eps: float = opt(1e-10, "AdamW epsilon", min=0.0, max=1.0)
+    warmup_frac: float = opt(0.0, "fraction of steps spent warming the learning rate up", min=0.0, max=1.0)
+    warmdown_frac: float = opt(0.2, "fraction of steps at the end spent decaying the learning rate to zero",
+                               min=0.0, max=1.0)
+    final_lr_frac: float = opt(0.0, "learning rate at the very end, as a fraction of the peak", min=0.0,
+                               max=1.0)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = opt(1000, "optimizer steps")
-    device_batch: int = opt(8, "sequences per forward pass")
+    steps: int = opt(1000, "optimizer steps", min=1, max=10**9)
+    device_batch: int = opt(8, "sequences per forward pass", min=1, max=2**16)
     batch_tokens: int = opt(0, "tokens per optimizer step over all processes (gradient accumulation makes up the "
-                               "rest); 0 means one forward pass per process")
-    eval_every: int = opt(100, "steps between validation bits-per-byte evaluations; 0 turns them off")
-    eval_tokens: int = opt(65536, "validation tokens per evaluation")
-    ckpt_every: int = opt(200, "steps between checkpoints (one is always written at the end)")
-    keep_last: int = opt(3, "checkpoints to keep")
-    sample_every: int = opt(0, "steps between sample generations; 0 means at every checkpoint and at the end")
+                               "rest); 0 means one forward pass per process", min=0, max=2**40)
+    eval_every: int = opt(100, "steps between validation bits-per-byte evaluations; 0 turns them off", min=0,
+                            max=10**9)
+    eval_tokens: int = opt(65536, "validation tokens per evaluation", min=1, max=2**40)
+    ckpt_every: int = opt(200, "steps between checkpoints (one is always written at the end)", min=1,
+                            max=10**9)
+    keep_last: int = opt(3, "valid checkpoints to keep (corrupt ones do not count); 0 keeps all", min=0,
+                          max=10**6)
+    sample_every: int = opt(0, "steps between sample generations; 0 means at every checkpoint and at the end",
+                              min=0, max=10**9)
     device: str = opt("auto", "auto, cpu, cuda or mps")
-    precision: str = opt("auto", "auto (bf16 on CUDA >= sm80 and AMX CPUs, else fp32), bf16 or fp32")
+    precision: str = opt("auto", "auto (measured: bf16 where a short matmul probe finds it faster than "
+                                  "fp32, cached per machine; bf16 on CUDA >= sm80), bf16 or fp32",
+                         choices=("auto", "bf16", "fp32"))
     compile: bool = opt(False, "torch.compile the model (pays off on long GPU runs; costs minutes on CPU)")
-    threads: int = opt(0, "torch intra-op threads on CPU; 0 leaves torch's default")
+    threads: int = opt(0, "torch intra-op threads on CPU; 0 leaves torch's default", min=0, max=4096)
     resume: bool = opt(False, "continue the run from its latest valid checkpoint")
+    allow_schedule_change: bool = opt(False, "with --resume: continue although --steps, the batch, --seed or the "
+                                             "optimizer flags differ from the checkpoint's (the learning-rate "
+                                             "schedule or the data order then differ from the uninterrupted run's)")
+    keep_tails: bool = opt(False, "pretraining: split documents longer than the context into context-sized pieces "
+                                  "instead of dropping their tails (the counts are in data_stats.json either way)")
 
 
 @dataclass(frozen=True)
@@ -109,16 +130,28 @@ class SFTDataConfig:
         "conversation sources as name:weight (identity, arithmetic, idioms, sharegpt, chatterbot); a source brings "
         "max_convs * weight / (largest weight) conversations",
     )
-    max_convs: int = opt(1000, "train conversations of the heaviest source (the others in proportion to their weight)")
-    val_convs: int = opt(50, "val conversations of the heaviest source (the others in proportion to their weight)")
-    max_chars: int = opt(2000, "cut conversations to this many characters at a message boundary; 0 keeps them whole")
+    max_convs: int = opt(1000, "train conversations of the heaviest source (the others in proportion to their weight)",
+                         min=1, max=10**9)
+    val_convs: int = opt(50, "val conversations of the heaviest source (the others in proportion to their weight)",
+                         min=1, max=10**9)
+    max_chars: int = opt(2000, "cut conversations to this many characters at a message boundary; 0 keeps them whole",
+                         min=0, max=10**12)
 
 
 @dataclass(frozen=True)
 class ChatCheckConfig:
-    check_prompts: int = opt(200, "held-out prompts answered after SFT to check replies end with <|im_end|>; 0: skip")
-    check_zh_prompts: int = opt(100, "how many of them are Chinese (to check Chinese prompts get Chinese replies)")
-    check_max_tokens: int = opt(384, "reply length limit for those checks (a reply cut by it counts as not ended)")
+    check_prompts: int = opt(200, "held-out prompts answered after SFT to check replies end with <|im_end|>; 0: skip",
+                             min=0, max=10**6)
+    check_zh_prompts: int = opt(100, "how many of them are Chinese (to check Chinese prompts get Chinese replies)",
+                                min=0, max=10**6)
+    check_max_tokens: int = opt(384, "reply length limit for those checks (a reply cut by it counts as not ended)",
+                                min=1, max=2**20)
+
+
+@dataclass(frozen=True)
+class SpeedrunEvalConfig:
+    eval_limit: int = opt(200, "items per task when the speedrun evaluates its base and chat models (`chatsmith eval` "
+                               "runs whole sets on request); 0 skips the evaluation", min=0, max=10**9)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -174,6 +207,7 @@ class SpeedrunStage:
     checks: ChatCheckConfig = ChatCheckConfig()
     sft_optim: OptimConfig = SFT_OPTIM
     sft_train: TrainConfig = SFT_TRAIN
+    speedrun_eval: SpeedrunEvalConfig = SpeedrunEvalConfig()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -191,6 +225,7 @@ def preset_smoke() -> dict[str, dict[str, Any]]:
         "sft": {"max_convs": 60, "val_convs": 10},
         "checks": {"check_prompts": 8, "check_zh_prompts": 4, "check_max_tokens": 16},
         "sft_train": {"steps": 10, "device_batch": 4, "eval_every": 5, "eval_tokens": 2048, "ckpt_every": 5},
+        "speedrun_eval": {"eval_limit": 4},
     }
 
 
@@ -244,6 +279,8 @@ def _check_value(flag: str, value: Any, meta: Any) -> None:
     """UserError unless `value` is finite and within the field's min/max/choices (each element of a tuple)."""
     values = value if isinstance(value, tuple) else (value,)
     lo, hi, choices = meta.get("min"), meta.get("max"), meta.get("choices")
+    if meta.get("length") is not None and len(values) != meta["length"]:
+        raise UserError(f"{flag} takes {meta['length']} values, not {len(values)}")
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float, str)):
             continue
@@ -272,9 +309,17 @@ def _field_types(section_cls) -> dict[str, Any]:
     return typing.get_type_hints(section_cls)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors (a value of the wrong type, an unknown flag) are a UserError: one sentence naming the
+    flag, exit code 2 through `__main__`, instead of the usage text and SystemExit."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser(stage_cls, prog: str, description: str = "") -> argparse.ArgumentParser:
     """An argparse parser with one flag per field of every section of `stage_cls` (defaults left unset)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     names = flag_names(stage_cls)
     defaults = _section_defaults(stage_cls)
     for section, section_cls in _sections(stage_cls).items():
@@ -293,6 +338,8 @@ def build_parser(stage_cls, prog: str, description: str = "") -> argparse.Argume
                 group.add_argument(*flags, dest=dest, nargs="+", type=elem, help=help_text, metavar="X")
             else:
                 group.add_argument(*flags, dest=dest, type=kind, help=help_text, metavar=kind.__name__.upper())
+            if f.metadata.get("positional"):  # the same value as a bare word; the flag wins when both are given
+                group.add_argument(dest, nargs="?", type=kind, metavar=f.name.upper(), help=f"same as {flag}")
     return parser
 
 

@@ -58,17 +58,19 @@ def _opt(default, help: str, min: float | None = None, max: float | None = None)
 
 @dataclass(frozen=True)
 class ModelConfig:
-    depth: int = _opt(4, "transformer blocks; the one dial that sets width and heads (width = depth * aspect)")
-    aspect: int = _opt(64, "width per layer of depth when --n-embd is not given")
-    n_embd: int = _opt(0, "model width; 0 derives it from --depth")
-    head_dim: int = _opt(64, "width of one attention head")
-    n_head: int = _opt(0, "query heads; 0 derives n_embd // head_dim")
-    n_kv_head: int = _opt(0, "key/value heads for grouped-query attention; 0 means as many as query heads")
-    intermediate_size: int = _opt(0, "SwiGLU hidden width; 0 derives 3 * n_embd")
-    vocab_size: int = _opt(0, "vocabulary size; 0 takes it from the run's tokenizer")
-    seq_len: int = _opt(512, "context length in tokens")
-    rope_theta: float = _opt(10000.0, "RoPE base frequency")
-    norm_eps: float = _opt(1e-6, "RMSNorm epsilon")
+    depth: int = _opt(4, "transformer blocks; the one dial that sets width and heads (width = depth * aspect)",
+                       min=1, max=1024)
+    aspect: int = _opt(64, "width per layer of depth when --n-embd is not given", min=1, max=2**16)
+    n_embd: int = _opt(0, "model width; 0 derives it from --depth", min=0, max=2**20)
+    head_dim: int = _opt(64, "width of one attention head", min=2, max=4096)
+    n_head: int = _opt(0, "query heads; 0 derives n_embd // head_dim", min=0, max=2**14)
+    n_kv_head: int = _opt(0, "key/value heads for grouped-query attention; 0 means as many as query heads",
+                         min=0, max=2**14)
+    intermediate_size: int = _opt(0, "SwiGLU hidden width; 0 derives 3 * n_embd", min=0, max=2**22)
+    vocab_size: int = _opt(0, "vocabulary size; 0 takes it from the run's tokenizer", min=0, max=2**24)
+    seq_len: int = _opt(512, "context length in tokens", min=1, max=2**20)
+    rope_theta: float = _opt(10000.0, "RoPE base frequency", min=1.0, max=1e12)
+    norm_eps: float = _opt(1e-6, "RMSNorm epsilon", min=1e-12, max=1.0)
     tie_embeddings: bool = _opt(False, "share the input embedding with the output head")
 
     def resolve(self, vocab_size: int | None = None) -> ModelConfig:

@@ -34,7 +34,7 @@ class TokenizerEvalConfig:
     json: bool = opt(False, "print the results as JSON on stdout instead of a table")
     tiktoken_dir: str = opt("", "directory with r50k_base/cl100k_base/o200k_base .tiktoken rank files "
                                 "(else $CHATSMITH_TIKTOKEN_DIR, else $CHATSMITH_HOME/tiktoken)")
-    max_bytes: int = opt(3_000_000, "UTF-8 bytes of held-out text per language at most")
+    max_bytes: int = opt(3_000_000, "UTF-8 bytes of held-out text per language at most", min=1, max=2**40)
 
 
 @dataclass(frozen=True)

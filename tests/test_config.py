@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -42,8 +43,23 @@ def test_every_field_has_help_and_a_flag():
 def test_unknown_preset_and_bad_flag():
     with pytest.raises(UserError, match="unknown preset"):
         config.parse(config.PretrainStage, ["--preset", "nope"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="argument --depth: invalid int value: 'four'"):
         config.parse(config.PretrainStage, ["--depth", "four"])
+    with pytest.raises(UserError, match="unrecognized arguments: --no-such-flag"):
+        config.parse(config.PretrainStage, ["--no-such-flag"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--ckpt-every", "0"], "--ckpt-every must be at least 1, not 0"),  # was a ZeroDivisionError in the loop
+    (["--device-batch", "0"], "--device-batch must be at least 1, not 0"),  # was a ZeroDivisionError too
+    (["--matrix-lr", "nan"], "--matrix-lr must be a finite number, not nan"),
+    (["--warmdown-frac", "1.5"], "--warmdown-frac must be at most 1.0, not 1.5"),
+    (["--adam-betas", "0.9"], "--adam-betas takes 2 values, not 1"),
+    (["--seed", "-1"], "--seed must be at least 0, not -1"),
+])
+def test_ranges_are_checked_where_flags_are_parsed(argv, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        config.parse(config.PretrainStage, argv)
 
 
 def test_save_and_reload(tmp_path):

@@ -13,7 +13,7 @@ from . import emit
 
 @dataclass(frozen=True)
 class DataBenchConfig:
-    repeats: int = opt(3, "timed runs per contender (the median is reported)")
+    repeats: int = opt(3, "timed runs per contender (the median is reported)", min=1, max=1000)
     rust_threads: bool = opt(True, "also time one process that uses the tokenizers library's own threads")
     json: bool = opt(False, "print JSON on stdout")
 

@@ -18,18 +18,21 @@ from . import _randomize, bench_ref, bench_tokenizer, emit
 
 @dataclass(frozen=True)
 class DecodeBenchConfig:
-    prompt_len: int = opt(64, "tokens in the single-stream prompt; the batch's prompts spread 0.5x..1.5x around it")
-    new_tokens: int = opt(128, "greedy tokens every request generates (EOS ignored, so every contender makes as many)")
-    batch: int = opt(8, "concurrent sequences for the continuous-batching run")
-    warmup: int = opt(1, "untimed runs per contender")
-    repeats: int = opt(5, "timed runs per contender (the median is reported)")
-    threads: int = opt(1, "torch intra-op threads; 0 leaves torch's default")
+    prompt_len: int = opt(64, "tokens in the single-stream prompt; the batch's prompts spread 0.5x..1.5x around it",
+                          min=1, max=2**20)
+    new_tokens: int = opt(128, "greedy tokens every request generates (EOS ignored, so every contender makes as many)",
+                           min=1, max=2**20)
+    batch: int = opt(8, "concurrent sequences for the continuous-batching run", min=1, max=4096)
+    warmup: int = opt(1, "untimed runs per contender", min=0, max=1000)
+    repeats: int = opt(5, "timed runs per contender (the median is reported)", min=1, max=1000)
+    threads: int = opt(1, "torch intra-op threads; 0 leaves torch's default", min=0, max=4096)
     hf: bool = opt(True, "also time HF transformers Qwen3ForCausalLM.generate with the same weights")
-    seed: int = opt(0, "seed of the random weights and prompts")
-    depth: int = opt(0, "model override for quick runs: transformer blocks; 0 = bench-ref's 4")
-    n_embd: int = opt(0, "model override: width; 0 = bench-ref's 256")
-    head_dim: int = opt(0, "model override: attention head width; 0 = bench-ref's 64")
-    vocab_size: int = opt(0, "model override: vocabulary; 0 = bench-ref's 8192")
+    seed: int = opt(0, "seed of the random weights and prompts", min=0, max=2**32 - 1)
+    depth: int = opt(0, "model override for quick runs: transformer blocks; 0 = bench-ref's 4", min=0,
+                     max=1024)
+    n_embd: int = opt(0, "model override: width; 0 = bench-ref's 256", min=0, max=2**20)
+    head_dim: int = opt(0, "model override: attention head width; 0 = bench-ref's 64", min=0, max=4096)
+    vocab_size: int = opt(0, "model override: vocabulary; 0 = bench-ref's 8192", min=0, max=2**24)
     json: bool = opt(False, "print JSON on stdout")
 
 

@@ -14,12 +14,13 @@ from . import _randomize, bench_ref, bench_tokenizer, emit
 @dataclass(frozen=True)
 class ServeBenchConfig:
     run: str = opt("", "serve this run's newest chat model; empty = a random bench-ref model with a byte tokenizer")
-    requests: int = opt(200, "requests in the load phase")
-    concurrency: int = opt(16, "requests in flight at once in the load phase")
-    max_tokens: int = opt(32, "max_tokens of every request")
-    batch: int = opt(8, "requests sent at once in the throughput phase, beside the same number one after another")
-    slots: int = opt(16, "the server's KV-cache slots")
-    threads: int = opt(1, "torch intra-op threads; 0 leaves torch's default")
+    requests: int = opt(200, "requests in the load phase", min=1, max=10**6)
+    concurrency: int = opt(16, "requests in flight at once in the load phase", min=1, max=10**4)
+    max_tokens: int = opt(32, "max_tokens of every request", min=1, max=2**20)
+    batch: int = opt(8, "requests sent at once in the throughput phase, beside the same number one after another",
+                     min=1, max=4096)
+    slots: int = opt(16, "the server's KV-cache slots", min=1, max=4096)
+    threads: int = opt(1, "torch intra-op threads; 0 leaves torch's default", min=0, max=4096)
     json: bool = opt(False, "print JSON on stdout")
 
 

@@ -18,10 +18,10 @@ from . import bench_ref, emit
 
 @dataclass(frozen=True)
 class TrainBenchConfig:
-    batch: int = opt(8, "sequences per step")
-    warmup: int = opt(3, "untimed warm-up steps per contender")
-    steps: int = opt(10, "timed steps per contender (the median is reported)")
-    threads: int = opt(0, "torch intra-op threads; 0 leaves torch's default")
+    batch: int = opt(8, "sequences per step", min=1, max=4096)
+    warmup: int = opt(3, "untimed warm-up steps per contender", min=0, max=1000)
+    steps: int = opt(10, "timed steps per contender (the median is reported)", min=1, max=10**6)
+    threads: int = opt(0, "torch intra-op threads; 0 leaves torch's default", min=0, max=4096)
     precision: str = opt("auto", "auto (bf16 where the hardware has it), bf16 or fp32, for both contenders")
     hf: bool = opt(True, "also time HF transformers Qwen3ForCausalLM + torch.optim.AdamW (needs transformers)")
     floor: bool = opt(True, "also time the step's matmuls and attention alone (kernel_floor): the bound on any speedup")
