@@ -245,19 +245,6 @@ def export_hf(loaded: LoadedModel, out: Path, dtype: str = "fp32", max_shard_byt
 # model card
 
 
-def eval_results(run: Path) -> list[dict]:
-    """The run's eval result files (`<run>/eval/*.json` with a `tasks` mapping), newest step last."""
-    found = []
-    for path in sorted((run / "eval").glob("*.json")):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(data, dict) and isinstance(data.get("tasks"), dict):
-            found.append(data)
-    return sorted(found, key=lambda d: (str(d.get("stage", "")), d.get("step") or 0))
-
-
 def last_metric(path: Path, kind: str, key: str) -> Any:
     """The last value of `key` in lines of `kind` of a metrics.jsonl, or None."""
     value = None
@@ -280,7 +267,10 @@ def _num(x: Any, digits: int = 3) -> str:
 
 
 def model_card(loaded: LoadedModel, name: str) -> str:
-    """README.md of an export: what the model is, its shape, its numbers (eval files, metrics), how to run it."""
+    """README.md of an export: what the model is, its shape, its numbers (the newest eval result of each stage, as
+    evaluate.markdown_table writes it; the last validation bits per byte of pretraining and SFT), how to run it."""
+    from .evaluate import load_results, markdown_table
+
     cfg, run = loaded.model.config, loaded.run
     meta = json.loads((loaded.checkpoint / "meta.json").read_text(encoding="utf-8"))
     kind = "chat (SFT) model" if loaded.is_chat else "base (pretrained) model"
@@ -294,21 +284,11 @@ def model_card(loaded: LoadedModel, name: str) -> str:
              f"| {cfg.depth} | {cfg.n_embd} | {cfg.n_head} ({cfg.n_kv_head}) | {cfg.head_dim} | "
              f"{cfg.intermediate_size} | {cfg.vocab_size} | {cfg.seq_len} | {cfg.tie_embeddings} |", "",
              "## Evaluation", ""]
-    results = eval_results(run)
-    if not results:
+    newest = {r.get("stage"): r for r in load_results(run)}  # oldest first: the newest result of each stage wins
+    if not newest:
         lines += ["Not evaluated (the run has no `eval/` results; `chatsmith eval` writes them).", ""]
-    for res in results:
-        lines += [f"`{res.get('stage', '?')}` model, step {res.get('step', '?')}:", "",
-                  "| task | n | metric | score | 95% CI | chance |", "|---|---|---|---|---|---|"]
-        for task, r in res["tasks"].items():
-            ci = r.get("ci95")
-            ci_text = f"{_num(ci[0])}–{_num(ci[1])}" if isinstance(ci, (list, tuple)) and len(ci) == 2 else "—"
-            lines.append(f"| {task} | {r.get('n', '—')} | {r.get('metric', '—')} | {_num(r.get('score'))} | "
-                         f"{ci_text} | {_num(r.get('chance'))} |")
-        bpb = res.get("bpb")
-        if isinstance(bpb, dict):
-            lines += ["", "Bits per byte: " + ", ".join(f"{k} {_num(v)}" for k, v in bpb.items())]
-        lines.append("")
+    for result in newest.values():
+        lines += [markdown_table(result)]
     lines += ["## Training", ""]
     pre = last_metric(run / "metrics.jsonl", "val", "val_bpb")
     sft = last_metric(run / "chat" / "metrics.jsonl", "val", "val_bpb")

@@ -193,15 +193,17 @@ def test_export_card_reports_eval_results(tok, tmp_path):
     save_chat_run(tok, "evald", tie=False)
     run = run_dir("evald")
     (run / "eval").mkdir()
-    (run / "eval" / "chat_step7.json").write_text(json.dumps({
-        "stage": "chat", "step": 7, "bpb": {"all": 1.234, "en": 1.1, "zh": 1.5},
-        "tasks": {"arc_easy": {"n": 100, "metric": "acc", "score": 0.31, "ci95": [0.22, 0.40], "chance": 0.25}}}))
+    result = {"stage": "chat", "run": "evald", "step": 7, "limit": 100, "fewshot": 0, "seconds": 12.0,
+              "created": "2026-01-01T00:00:00", "bpb": {"all": 1.234, "en": 1.1, "zh": 1.5},
+              "tasks": {"arc_easy": {"n": 100, "metric": "acc", "score": 0.31, "ci95": [0.22, 0.40], "chance": 0.25,
+                                     "centered": 0.08}}}
+    (run / "eval" / "chat_step000007.json").write_text(json.dumps(result))
     (run / "metrics.jsonl").write_text(json.dumps({"kind": "val", "step": 10, "val_bpb": 2.5}) + "\n")
     out = tmp_path / "card"
     assert cli_main(["export", "hf", "evald", str(out)]) == 0
     card = (out / "README.md").read_text()
-    assert "| arc_easy | 100 | acc | 0.310 | 0.220–0.400 | 0.250 |" in card
-    assert "all 1.234" in card and "pretraining val bits/byte 2.500" in card and "Not evaluated" not in card
+    assert "| arc_easy | 100 | acc | 31.0 | 22.0–40.0 | 25.0 | 8.0 |" in card
+    assert "all 1.2340" in card and "pretraining val bits/byte 2.500" in card and "Not evaluated" not in card
     # an existing OUT is kept unless --force
     assert cli_main(["export", "hf", "evald", str(out)]) == 2
     assert cli_main(["export", "hf", str(out), "--force"]) == 0  # one word = OUT; the newest run's chat model
