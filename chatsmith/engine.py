@@ -9,10 +9,11 @@ It knows nothing about HTTP; the server runs `serve_forever` in one thread and t
     for event in request.events():                         # text deltas, never half a UTF-8 character
         print(event.text, end="", flush=True)
 
-How a step works (`step()`): admit waiting requests into free cache slots and prefill each (one causal forward over
-its prompt; its first token is sampled from the last position), then ONE batched forward of the newest token of every
-live sequence, each at its own length (the model masks keys per row), then sample and emit one event per sequence.
-A finished or cancelled sequence leaves at once and frees its slot; new requests join at the next step.
+How a step works (`step()`): admit waiting requests into free cache slots (restoring the longest cached prefix of
+each prompt), prefill (the whole prompt when nothing else decodes, else a chunk of prompt tokens; a sequence's first
+token is sampled from the last position of its last chunk), then ONE batched forward of the newest token of every
+decoding sequence, each at its own length (the model masks keys per row), then sample and emit one event per
+sequence. A finished or cancelled sequence leaves at once and frees its slot; new requests join at the next step.
 
 Choices:
 - Sampling order (vLLM's): repetition penalty (prompt + output tokens: positive logits divided, negative multiplied),
@@ -31,17 +32,24 @@ Choices:
 - Errors: an exception in a prefill or a batched decode (a bad request, out of memory on a long prefill) is retried
   per sequence; a sequence that still fails ends with finish_reason "error" (`Request.error` names the exception, the
   log has its text) and frees its slot, and the others go on: one request cannot stop the engine for everyone.
+- Prefix caching (chatsmith/prefix_cache.py): after its prefill and when it ends, a sequence's full 16-token blocks
+  are kept (bounded, LRU); a new prompt that starts with cached blocks gets their keys and values copied into its
+  slot and prefills only the rest. A multi-turn chat (the whole conversation resent each turn) and a tool loop's
+  continuation then prefill only the new turn. Cleared when the weights change. Exact up to float rounding: a
+  restored block was computed with other matmul shapes (tests check logits and greedy tokens).
+- Chunked prefill: while other sequences decode, a step feeds at most `prefill_chunk` prompt tokens (0 = auto: as
+  many as take about as long as one decode step, measured as the engine runs, at least 16), so running streams keep
+  flowing while a long prompt joins; with nothing decoding a prompt is prefilled in one forward.
+- Both need a model whose cached state is its KV cache alone (`kv_cache_is_state`, as GPT); other models (the
+  scripted test models) are prefilled whole and never restored. `fused=False` runs the model's reference modules.
 - Tool calls (hook for chatsmith/tools.py, wired by the caller): pass stop=("</tool_call>",) and
   include_stop_str_in_output=True; a result with stop_reason == "</tool_call>" holds the call in its text; run it and
-  submit the conversation continued with the tool turn. (No prefix reuse: the continuation is prefilled again.)
+  submit the conversation continued with the tool turn (its prefix comes from the prefix cache).
   `chat(engine, tokenizer, messages, params)` (end of this file) is that loop: it runs each call with
   tools.run_tool, appends the assistant and `tool` turns and goes on, at most `max_tool_calls` times.
-- Measured (bench-ref shape: 4 layers, width 256, vocab 8192; fp32, 1 torch thread, 2-core Xeon shared with a
-  training run; medians of 3 interleaved runs; 8 requests of 64 sampled tokens, prompts 33..89 tokens):
-  8 slots batched 724 tok/s, one slot at a time 223 tok/s (3.2x); one request through the cache 223 tok/s against
-  99 tok/s recomputing the full sequence per token. Threads matter on a busy machine: with 2 intra-op threads a
-  (1, 64) x (64, 192) linear took ~2,600 us against ~5 us on 1 thread, so the caller should pick torch threads.
-- Not done: chunked prefill (a long prompt stalls the batch for its prefill), prefix caching, speculative decoding.
+- Threads matter on a busy machine: with 2 intra-op threads each of a small model's tiny ops waits for the other
+  thread, so the caller should pick torch threads (bench decode measures it).
+- Not done: speculative decoding.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ import functools
 import itertools
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -60,9 +69,12 @@ from dataclasses import dataclass
 import torch
 
 from .common import UserError, log
+from .kvcache import weights_key
+from .prefix_cache import PrefixCache
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_ERROR = "stop", "length", "cancelled", "error"
+MIN_CHUNK = 16  # the smallest automatic prefill chunk (one prefix-cache block)
 GREEDY_BELOW = 1e-5  # a smaller temperature > 0 means greedy (vLLM's threshold too): dividing fp32 logits by it
 # overflows, and the sampler would return the last id every time
 
@@ -283,6 +295,7 @@ class _Sequence:
     generator: torch.Generator
     decoder: IncrementalDecoder
     stops: StopStrings
+    pending: list[int] = dataclasses.field(default_factory=list)  # prompt tokens not yet in the cache
     last: int = -1  # the newest token, not yet in the cache
     n_out: int = 0
     counts: torch.Tensor | None = None  # (V,) fp32 output token counts, when penalised
@@ -293,18 +306,38 @@ class _Sequence:
 # the engine
 
 
+def _average(old: float | None, new: float, weight: float = 0.2) -> float:
+    """An exponential moving average (the first value as is)."""
+    return new if old is None else (1 - weight) * old + weight * new
+
+
+
 class Engine:
     """Continuous batching over `slots` KV-cache slots. step() belongs to one thread at a time (a lock serialises it);
     submit() and cancel() may be called from any thread."""
 
     def __init__(self, model, tokenizer: Tokenizer, slots: int = 8, max_len: int | None = None,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, prefix_cache_tokens: int | None = None,
+                 prefill_chunk: int = 0, fused: bool = True):
+        """prefix_cache_tokens: tokens of keys and values kept for reuse (None = as many as the slots hold, 0 = off);
+        prefill_chunk: prompt tokens per step while others decode (0 = auto); fused=False: the model's reference
+        path (today's modules, for benchmarks and tests)."""
+        if prefill_chunk < 0 or (prefix_cache_tokens is not None and prefix_cache_tokens < 0):
+            raise UserError("prefill_chunk and prefix_cache_tokens must be >= 0")
         self.model, self.tokenizer = model, tokenizer
         self.vocab_size = model.config.vocab_size
         self.device = next(model.parameters()).device
         self.autocast_dtype = autocast_dtype  # the caller's precision policy (common.autocast_dtype); None = as is
         self.cache = model.new_kv_cache(slots, max_len, dtype=autocast_dtype)
         self.max_len = self.cache.max_len
+        self.resumable = bool(getattr(model, "kv_cache_is_state", False))  # chunks and restored prefixes allowed
+        if prefix_cache_tokens is None:
+            prefix_cache_tokens = slots * self.max_len
+        self.prefix = PrefixCache(self.cache, prefix_cache_tokens) if self.resumable and prefix_cache_tokens else None
+        self.prefill_chunk = prefill_chunk
+        self._forward_kwargs = {} if fused else {"fused": False}  # ScriptedModels take no extra keyword
+        self._decode_s: float | None = None  # moving averages: one decode step, one prefill token
+        self._prefill_token_s: float | None = None
         self.eos_ids = (tokenizer.special_id("<|im_end|>"), tokenizer.bos_id)
         self._free = list(range(slots))  # sorted: the lowest free slot is taken, so live rows tend to be contiguous
         self._live: list[_Sequence] = []
@@ -392,25 +425,57 @@ class Engine:
                 self._finish(seq, request, Event(request.id, "", [], FINISH_CANCELLED), events)
             with self._lock:
                 admitted = [self._waiting.popleft() for _ in range(min(len(self._free), len(self._waiting)))]
+            decoding = any(not s.pending for s in self._live)
             for request in admitted:
-                seq = self._start(request)
-                for _, tokens in self._isolated([seq], self._prefill, events):
-                    self._accept(seq, tokens[0], events)
-            live = sorted(self._live, key=lambda s: s.slot)
+                self._start(request)
+            budget = self._chunk_budget() if decoding and self.resumable else None  # None: whole prompts
+            for seq in [s for s in self._live if s.pending]:
+                n = len(seq.pending) if budget is None else min(budget, len(seq.pending))
+                if n == 0:
+                    break
+                for _, tokens in self._isolated([seq], functools.partial(self._prefill, n=n), events):
+                    if tokens:  # the prompt is in: its first token
+                        self._accept(seq, tokens[0], events)
+                if budget is not None:
+                    budget -= n
+            live = sorted((s for s in self._live if not s.pending), key=lambda s: s.slot)
+            t0 = time.perf_counter()
             for group, tokens in self._isolated(live, self._decode, events) if live else ():
                 for seq, token in zip(group, tokens):
                     self._accept(seq, token, events)
+            if live:
+                self._decode_s = _average(self._decode_s, time.perf_counter() - t0)
             return events
 
-    def _prefill(self, seqs: list[_Sequence]) -> list[int]:
+    def _chunk_budget(self) -> int:
+        """Prompt tokens to prefill in a step while others decode: prefill_chunk, or (auto) about as many as one
+        decode step takes, from the moving averages, at least one prefix-cache block."""
+        if self.prefill_chunk:
+            return self.prefill_chunk
+        if self._decode_s is None or self._prefill_token_s is None:
+            return MIN_CHUNK
+        return max(MIN_CHUNK, int(self._decode_s / self._prefill_token_s))
+
+    def _prefill(self, seqs: list[_Sequence], n: int) -> list[int]:
+        """Feed the next n prompt tokens of the one sequence; its first token once the prompt is in, else []."""
         (seq,) = seqs
-        logits = self.model.forward_cached(torch.tensor([seq.request.prompt_ids], device=self.device),
-                                           self.cache, [seq.slot], last_only=True)  # (1, 1, vocab)
+        t0 = time.perf_counter()
+        logits = self.model.forward_cached(torch.tensor([seq.pending[:n]], device=self.device), self.cache,
+                                           [seq.slot], last_only=True, **self._forward_kwargs)  # (1, 1, vocab)
+        seq.pending = seq.pending[n:]
+        if seq.pending:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()  # time the chunk, not its launch
+            self._prefill_token_s = _average(self._prefill_token_s, (time.perf_counter() - t0) / n)
+            return []
+        if self.prefix is not None:
+            self.prefix.store(seq.request.prompt_ids, seq.slot)
         return self._sample(seqs, logits[:, -1])
 
     def _decode(self, seqs: list[_Sequence]) -> list[int]:
         idx = torch.tensor([[s.last] for s in seqs], device=self.device)  # (B, 1)
-        logits = self.model.forward_cached(idx, self.cache, [s.slot for s in seqs])  # (B, 1, vocab)
+        logits = self.model.forward_cached(idx, self.cache, [s.slot for s in seqs],
+                                           **self._forward_kwargs)  # (B, 1, vocab)
         return self._sample(seqs, logits[:, -1])
 
     def _isolated(self, seqs: list[_Sequence], run: Callable[[list[_Sequence]], list[int]],
@@ -470,6 +535,13 @@ class Engine:
             seq.seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
             seq.seen[torch.tensor(request.prompt_ids, device=self.device)] = True
         self.cache.reset(seq.slot)
+        seq.pending = list(request.prompt_ids)
+        if self.prefix is not None:
+            key = weights_key(self.model)
+            if key != self.prefix.key:  # new weights: the cached blocks are stale
+                self.prefix.clear()
+                self.prefix.key = key
+            seq.pending = seq.pending[self.prefix.load(request.prompt_ids, seq.slot):]
         self._live.append(seq)
         return seq
 
@@ -532,6 +604,9 @@ class Engine:
 
     def _finish(self, seq: _Sequence | None, request: Request, event: Event, events: list[Event]) -> None:
         if seq is not None:
+            if self.prefix is not None and event.finish_reason != FINISH_ERROR:  # keep its blocks for a next turn
+                n = self.cache.lengths[seq.slot]
+                self.prefix.store((request.prompt_ids + request.token_ids)[:n], seq.slot)
             self._live.remove(seq)
             self.cache.reset(seq.slot)
             bisect.insort(self._free, seq.slot)

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import UserError
+from .kvcache import CachedStep, KVCache, LayerCache, forward_fused
 
 
 def _opt(default, help: str, min: float | None = None, max: float | None = None):
@@ -228,7 +229,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(D, cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: _LayerCache | None = None) -> torch.Tensor:
+                cache: LayerCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, D = self.n_head, self.n_kv_head, self.head_dim
         q = self.q_proj(x).view(B, T, H, D)  # (B, T, n_head, head_dim)
@@ -265,77 +266,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: _LayerCache | None = None) -> torch.Tensor:
+                cache: LayerCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         return x + self.mlp(self.mlp_norm(x))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# the KV cache (inference only; see GPT.forward_cached)
-
-
-class KVCache:
-    """Preallocated keys and values for `slots` sequences of up to `max_len` tokens each, in every layer.
-
-    k, v: (n_layer, slots, n_kv_head, max_len, head_dim), keys stored after q/k norm and RoPE. lengths[slot] is the
-    number of tokens a slot holds (host ints: the mask and positions are built on the host every step anyway).
-    `GPT.forward_cached` appends and advances lengths; `reset(slot)` empties a slot (its old entries are masked out)."""
-
-    def __init__(self, n_layer: int, slots: int, n_kv_head: int, max_len: int, head_dim: int,
-                 device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-        shape = (n_layer, slots, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.lengths = [0] * slots
-        self.max_len = max_len
-
-    @property
-    def slots(self) -> int:
-        return len(self.lengths)
-
-    def reset(self, slot: int) -> None:
-        self.lengths[slot] = 0
-
-
-class _CachedStep:
-    """What one cached forward shares across layers: where the new keys go and what each query may see."""
-
-    def __init__(self, cache: KVCache, slots: list[int], T: int, device: torch.device):
-        starts = [cache.lengths[s] for s in slots]
-        B, S = len(slots), max(starts) + T  # S: keys attended over, the longest sequence after this call
-        if S > cache.max_len:
-            raise ValueError(f"the KV cache holds {cache.max_len} tokens per slot; this call needs {S}")
-        self.cache, self.S = cache, S
-        self.slot_t = torch.tensor(slots, device=device)  # (B,)
-        self.pos = torch.tensor(starts, device=device).unsqueeze(1) + torch.arange(T, device=device)  # (B, T)
-        # rows of one contiguous run of slots read the cache through a view instead of a gather (a copy)
-        self.rows = slice(slots[0], slots[0] + B) if slots == list(range(slots[0], slots[0] + B)) else self.slot_t
-        # every row a fresh prefill: plain causal attention over the new keys; else key j is visible to the query at
-        # position p iff j <= p (earlier tokens of the slot, and itself)
-        self.mask = None if not any(starts) else (
-            torch.arange(S, device=device) <= self.pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, S) bool
-
-    def layer(self, i: int) -> _LayerCache:
-        return _LayerCache(self, i)
-
-
-class _LayerCache:
-    def __init__(self, step: _CachedStep, layer: int):
-        self.step, self.layer = step, layer
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (B, n_head, T, D), new k, v (B, n_kv_head, T, D): store k, v, attend -> (B, n_head, T, D)."""
-        st = self.step
-        kc, vc = st.cache.k[self.layer], st.cache.v[self.layer]  # (slots, n_kv_head, max_len, D)
-        where = (st.slot_t.unsqueeze(1).expand_as(st.pos), slice(None), st.pos)  # indexes (B, T, n_kv_head, D)
-        kc[where] = k.transpose(1, 2).to(kc.dtype)  # (B, T, n_kv_head, D)
-        vc[where] = v.transpose(1, 2).to(vc.dtype)
-        gqa = k.size(1) != q.size(1)
-        if st.mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        keys = kc[st.rows, :, :st.S].to(q.dtype)  # (B, n_kv_head, S, D)
-        values = vc[st.rows, :, :st.S].to(q.dtype)  # (B, n_kv_head, S, D)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=st.mask, enable_gqa=gqa)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -424,6 +357,9 @@ def chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.
 
 
 class GPT(nn.Module):
+    kv_cache_is_state = True  # forward_cached keeps nothing outside the KVCache: the engine may fill a slot in
+    # chunks and copy cached prefixes into it
+
     def __init__(self, config: ModelConfig, rope_factor: int = 4):
         super().__init__()
         cfg = config.resolve()
@@ -509,21 +445,23 @@ class GPT(nn.Module):
                             f"use at most {self.rope_len}")
         return KVCache(cfg.depth, slots, cfg.n_kv_head, max_len, cfg.head_dim, w.device, dtype or w.dtype)
 
-    def forward_cached(self, idx: torch.Tensor, cache: KVCache, slots: list[int],
-                       last_only: bool = False) -> torch.Tensor:
+    def forward_cached(self, idx: torch.Tensor, cache: KVCache, slots: list[int], last_only: bool = False,
+                       fused: bool = True) -> torch.Tensor:
         """Append idx (B, T) to the cached sequences in `slots` (B distinct slots, each continuing at its own length)
-        and return their logits (B, T, vocab) fp32, or (B, 1, vocab) with last_only. Prefill is T > 1 on an empty slot
-        (causal SDPA over the new keys); decode is T = 1 on B slots of different lengths (SDPA over the cache with a
-        (B, 1, 1, S) mask). Advances cache.lengths by T."""
+        and return their logits (B, T, vocab) fp32, or (B, 1, vocab) with last_only. A prefill is T > 1 on one slot
+        (empty, or continuing it: a restored prefix, earlier chunks); a decode step is T = 1 on the live slots.
+        Advances cache.lengths by T. fused (default): the inference path of chatsmith/kvcache.py; False: the training
+        modules block by block (the reference)."""
+        if fused:
+            return forward_fused(self, idx, cache, list(slots), last_only)
         B, T = idx.shape
-        step = _CachedStep(cache, list(slots), T, idx.device)
+        step = CachedStep(cache, list(slots), T, idx.device)
         cos = self.rope_cos[step.pos].view(B, T, 1, -1)  # (B, T, 1, head_dim / 2)
         sin = self.rope_sin[step.pos].view(B, T, 1, -1)
         x = self.embed_tokens(idx)  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, step.layer(i))
-        for s in slots:
-            cache.lengths[s] += T
+        step.advance()
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         return F.linear(self.norm(x), self.head_weight()).float()  # (B, T or 1, vocab)

@@ -1,0 +1,228 @@
+"""Inference with a KV cache: the preallocated cache and the two cached forwards that fill it.
+
+    cache = model.new_kv_cache(slots=4)                            # KVCache, zeros, on the model's device
+    logits = model.forward_cached(idx, cache, [0])                 # the fused inference path (forward_fused below)
+    logits = model.forward_cached(idx, cache, [0], fused=False)    # the training modules, block by block (reference)
+
+Both append idx (B, T) to B slots, each continuing at its own length: a prefill is T > 1 on one slot (empty, or
+holding a prefix restored from the prefix cache, or the chunks before), a decode step is T = 1 on the live slots.
+
+Choices in the fused path (the same math as GPT.forward; tests check its logits and greedy tokens against it):
+- Inference weights (`InferenceWeights`, cached on the model, rebuilt when a parameter's storage or version counter
+  changes, e.g. after an optimizer step or load_state_dict): q|k|v and gate|up concatenated, so each is one matmul; the
+  RMSNorm weights before them (and the final norm's before the head) folded into their columns, so a norm is a bare
+  normalisation; every matrix in the autocast dtype when autocast is on, cast once instead of on every call. The cost
+  is a second copy of the matrices. RoPE tables are full-width (sin signed) and precomputed, sliced per call.
+- q and k heads are normalised together (one normalisation over (B, T, n_head + n_kv_head, head_dim), one multiply by
+  the stacked per-head weights) and rotated together: y * cos + roll(y, head_dim / 2) * sin (NEOX rotate_half).
+- New keys and values are written in place into the cache: a slice copy when the rows are contiguous slots at one
+  length (one stream, a prefill), else one indexed write per tensor.
+- Attention is SDPA over the cache prefix: no mask when every query sees all of it (decode rows of one length), causal
+  for a fresh prefill, an offset causal mask for a chunk that continues a slot, per-row masks otherwise. The engine
+  keeps live slots contiguous (lowest free slot first), so the rows read the cache through a view, not a gather.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class KVCache:
+    """Preallocated keys and values for `slots` sequences of up to `max_len` tokens each, in every layer.
+
+    kv: (n_layer, slots, 2, n_kv_head, max_len, head_dim), keys (index 0) stored after q/k norm and RoPE, values
+    (index 1); k and v are views of its two halves, (n_layer, slots, n_kv_head, max_len, head_dim). lengths[slot] is
+    the number of tokens a slot holds (host ints: masks and positions are built on the host anyway). A cached forward
+    appends and advances lengths; `reset(slot)` empties a slot (its old entries are masked out, never read)."""
+
+    def __init__(self, n_layer: int, slots: int, n_kv_head: int, max_len: int, head_dim: int,
+                 device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+        self.kv = torch.zeros((n_layer, slots, 2, n_kv_head, max_len, head_dim), device=device, dtype=dtype)
+        self.k, self.v = self.kv[:, :, 0], self.kv[:, :, 1]
+        self.lengths = [0] * slots
+        self.max_len = max_len
+
+    @property
+    def slots(self) -> int:
+        return len(self.lengths)
+
+    def reset(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+
+class CachedStep:
+    """What one cached forward shares across layers: where the new keys go and what each query may see."""
+
+    def __init__(self, cache: KVCache, slots: list[int], T: int, device: torch.device):
+        starts = [cache.lengths[s] for s in slots]
+        B, S = len(slots), max(starts) + T  # S: keys attended over, the longest sequence after this call
+        if S > cache.max_len:
+            raise ValueError(f"the KV cache holds {cache.max_len} tokens per slot; this call needs {S}")
+        self.cache, self.slots, self.starts, self.T, self.S, self.device = cache, slots, starts, T, S, device
+        self.contiguous = slots == list(range(slots[0], slots[0] + B))
+        self.start = starts[0] if all(s == starts[0] for s in starts) else None  # one length for every row
+
+    @functools.cached_property
+    def slot_t(self) -> torch.Tensor:
+        return torch.tensor(self.slots, device=self.device)  # (B,)
+
+    @functools.cached_property
+    def pos(self) -> torch.Tensor:
+        """(B, T) positions of the new tokens."""
+        return torch.tensor(self.starts, device=self.device).unsqueeze(1) + torch.arange(self.T, device=self.device)
+
+    @functools.cached_property
+    def rows(self) -> slice | torch.Tensor:
+        """Cache rows of the slots: a contiguous run reads through a view instead of a gather (a copy)."""
+        return slice(self.slots[0], self.slots[0] + len(self.slots)) if self.contiguous else self.slot_t
+
+    @functools.cached_property
+    def mask(self) -> torch.Tensor | None:
+        """None when every row is a fresh prefill (plain causal attention over the new keys); else (B or 1, 1, T, S)
+        bool: key j is visible to the query at position p iff j <= p (earlier tokens of the slot, and itself)."""
+        if not any(self.starts):
+            return None
+        if self.start is not None:  # one length: one (T, S) mask for all rows
+            q_pos = self.start + torch.arange(self.T, device=self.device)
+            return (torch.arange(self.S, device=self.device) <= q_pos.unsqueeze(-1)).view(1, 1, self.T, self.S)
+        return (torch.arange(self.S, device=self.device) <= self.pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, S)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the new keys and values k, v (B, T, n_kv_head, D) at their positions, in place."""
+        kc, vc = self.cache.k[layer], self.cache.v[layer]  # (slots, n_kv_head, max_len, D)
+        if self.contiguous and self.start is not None:
+            t = slice(self.start, self.start + self.T)
+            kc[self.rows, :, t] = k.transpose(1, 2)  # (B, n_kv_head, T, D)
+            vc[self.rows, :, t] = v.transpose(1, 2)
+        else:
+            where = (self.slot_t.unsqueeze(1).expand_as(self.pos), slice(None), self.pos)  # indexes (B, T, K, D)
+            kc[where] = k.to(kc.dtype)
+            vc[where] = v.to(vc.dtype)
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """q (B, n_head, T, D) against the slot's keys up to the new ones (written first) -> (B, n_head, T, D)."""
+        keys = self.cache.k[layer][self.rows, :, :self.S]  # (B, n_kv_head, S, D)
+        values = self.cache.v[layer][self.rows, :, :self.S]
+        gqa = keys.size(1) != q.size(1)
+        if self.mask is None:  # fresh prefill: S == T
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=self.T > 1, enable_gqa=gqa)
+        if self.T == 1 and self.start is not None:  # decode rows of one length: each sees all S keys
+            return F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, enable_gqa=gqa)
+
+    def layer(self, i: int) -> LayerCache:
+        return LayerCache(self, i)
+
+    def advance(self) -> None:
+        for s in self.slots:
+            self.cache.lengths[s] += self.T
+
+
+class LayerCache:
+    """One layer's view of a CachedStep, for the training modules' Attention.forward (the reference path)."""
+
+    def __init__(self, step: CachedStep, layer: int):
+        self.step, self.layer = step, layer
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (B, n_head, T, D), new k, v (B, n_kv_head, T, D): store k, v, attend -> (B, n_head, T, D)."""
+        self.step.write(self.layer, k.transpose(1, 2), v.transpose(1, 2))
+        return self.step.attend(self.layer, q.to(self.step.cache.kv.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the fused inference path
+
+
+@dataclass
+class _BlockWeights:
+    qkv: torch.Tensor  # (n_head * D + 2 * n_kv_head * D, C), attn_norm weight folded into the columns
+    qk_norm: torch.Tensor  # (n_head + n_kv_head, D) fp32: q_norm's weight per query head, then k_norm's
+    o: torch.Tensor  # (C, n_head * D)
+    gate_up: torch.Tensor  # (2 * intermediate, C), mlp_norm weight folded in
+    down: torch.Tensor  # (C, intermediate)
+
+
+@dataclass
+class InferenceWeights:
+    key: tuple
+    blocks: list[_BlockWeights]
+    head: torch.Tensor  # (vocab, C), final norm weight folded in
+    cos: torch.Tensor  # (rope_len, D) fp32: cos(pos * freq) over both halves
+    sin: torch.Tensor  # (rope_len, D) fp32: -sin over the first half, sin over the second (rotate_half's sign)
+
+
+def weights_key(model: torch.nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer of `model` is replaced or modified in place (its storage and version
+    counter): what cached weights and cached keys/values were computed from."""
+    return tuple((t.data_ptr(), 0 if t.is_inference() else t._version)
+                 for t in (*model.parameters(), *model.buffers()))
+
+
+def inference_weights(model) -> InferenceWeights:
+    """The model's fused inference weights, rebuilt when a parameter or buffer changed or the autocast dtype did."""
+    device = model.rope_cos.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    key = (dtype, weights_key(model))
+    cached = model.__dict__.get("_inference_weights")
+    if cached is not None and cached.key == key:
+        return cached
+    with torch.no_grad(), torch.autocast(device, enabled=False):
+        def mat(w: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:
+            w = w if norm is None else w * norm.to(w.dtype)  # W @ (xhat * g) == (W * g) @ xhat
+            return w.to(dtype) if dtype is not None else w
+
+        blocks = []
+        for b in model.blocks:
+            a, m = b.attn, b.mlp
+            H, K = a.n_head, a.n_kv_head
+            blocks.append(_BlockWeights(
+                qkv=mat(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), b.attn_norm.weight),
+                qk_norm=torch.cat([a.q_norm.weight.float().expand(H, -1), a.k_norm.weight.float().expand(K, -1)]),
+                o=mat(a.o_proj.weight), gate_up=mat(torch.cat([m.gate_proj.weight, m.up_proj.weight]),
+                                                    b.mlp_norm.weight),
+                down=mat(m.down_proj.weight)))
+        cos, sin = model.rope_cos.float(), model.rope_sin.float()
+        weights = InferenceWeights(key, blocks, mat(model.head_weight(), model.norm.weight),
+                                   torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1))
+    model.__dict__["_inference_weights"] = weights  # a plain attribute: not a parameter, buffer or state_dict entry
+    return weights
+
+
+def _normalize(x: torch.Tensor, eps: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """RMSNorm without its weight (folded into the next matmul), computed in fp32, returned in `dtype` (default
+    x's)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))).to(dtype or x.dtype)
+
+
+def forward_fused(model, idx: torch.Tensor, cache: KVCache, slots: list[int], last_only: bool) -> torch.Tensor:
+    """GPT.forward_cached's fused path: idx (B, T) appended to `slots` -> logits (B, T or 1, vocab) fp32."""
+    B, T = idx.shape
+    cfg = model.config
+    H, K, D, eps = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.norm_eps
+    step = CachedStep(cache, slots, T, idx.device)
+    w = inference_weights(model)
+    if step.start is not None:  # one length: a slice of the tables for all rows
+        cos = w.cos[step.start:step.start + T].view(1, T, 1, D)  # (1, T, 1, D)
+        sin = w.sin[step.start:step.start + T].view(1, T, 1, D)
+    else:
+        cos, sin = w.cos[step.pos].view(B, T, 1, D), w.sin[step.pos].view(B, T, 1, D)  # (B, T, 1, D)
+    x = F.embedding(idx, model.embed_tokens.weight)  # (B, T, C)
+    for i, bw in enumerate(w.blocks):
+        qkv = F.linear(_normalize(x, eps), bw.qkv).view(B, T, H + 2 * K, D)  # (B, T, n_head + 2 n_kv_head, D)
+        qk = _normalize(qkv[:, :, :H + K], eps, torch.float32).mul_(bw.qk_norm)  # (B, T, n_head + n_kv_head, D) fp32
+        qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)  # NEOX RoPE: y cos + rotate_half(y) sin
+        step.write(i, qk[:, :, H:], qkv[:, :, H + K:])
+        y = step.attend(i, qk[:, :, :H].transpose(1, 2).to(cache.kv.dtype))  # (B, n_head, T, D)
+        x = x + F.linear(y.transpose(1, 2).reshape(B, T, H * D), bw.o)  # (B, T, C)
+        gate, up = F.linear(_normalize(x, eps), bw.gate_up).chunk(2, dim=-1)  # (B, T, intermediate) each
+        x = x + F.linear(F.silu(gate).mul_(up), bw.down)
+    step.advance()
+    if last_only:
+        x = x[:, -1:]  # (B, 1, C)
+    return F.linear(_normalize(x, eps), w.head).float()  # (B, T or 1, vocab)
