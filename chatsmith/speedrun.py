@@ -1,61 +1,172 @@
-"""The speedrun: every stage in order, on one run directory, resumable.
+"""The speedrun: every stage in order, on one run directory, resumable, ending with the report card.
 
     chatsmith speedrun                    # preset cpu: minutes on 2 cores
     chatsmith speedrun --preset smoke     # seconds; what the tests run
     torchrun --standalone --nproc_per_node=2 -m chatsmith speedrun    # data parallel (see distributed.py)
 
 Stages: documents + tokenizer (`tokenizer train`) → token shards (`data prepare`) → pretraining (`pretrain`) →
-chat fine-tuning (`sft`, with reply checks) → samples; then `chatsmith chat` talks to the result. Each stage skips
-work already done in the run directory, so rerunning after an interruption continues where it stopped (pretraining
-and SFT resume from their latest checkpoints). Under torchrun, rank 0 alone trains the tokenizer and writes the
-shards while the others wait; training is data parallel; the reply checks run on rank 0.
+chat fine-tuning (`sft`, with reply checks) → evaluation of the base and the chat model (`eval`, `--eval-limit`
+items per task; skipped when chatsmith.evaluate is not installed) → the report card (`report`); then it prints where
+the report is and how to chat and serve. Each stage skips work already done in the run directory, so rerunning after
+an interruption continues where it stopped (pretraining and SFT resume from their latest checkpoints).
+
+Wall seconds per stage go to `<run>/speedrun.json` (with the machine and the precision used), summed over reruns: a
+stage interrupted and resumed shows the time of both attempts. A stage that already finished with the same settings
+adds nothing when it is entered again (it only checks its outputs), so a rerun of a finished run changes no file.
+
+Under torchrun, rank 0 alone trains the tokenizer and writes the shards while the others wait; training is data
+parallel; the reply checks, the evaluation and the report run on rank 0 while the others wait.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
+import hashlib
+import importlib.util
 import json
 import time
+from pathlib import Path
 
 from . import config, distributed
-from .common import device_type, log, run_dir
+from .common import atomic_write_json, autocast_dtype, device_type, is_rank0, log, read_json, run_dir
+
+
+class StageClock:
+    """`<run>/speedrun.json`: {"stages": {name: {"seconds", "done"}}, "machine", "precision"}. `stage(name, key)`
+    times a block and adds its seconds, also when it is interrupted; `done` holds a hash of the stage's settings
+    (`key`), and entering a finished stage with the same settings again adds no time and writes nothing."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = read_json(path) if path.exists() else {}
+        self.data.setdefault("stages", {})
+        self.worked = False  # did any stage add time in this process
+
+    @staticmethod
+    def fingerprint(*parts) -> str:
+        text = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts],
+                          sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def is_done(self, name: str, key: str) -> bool:
+        return self.data["stages"].get(name, {}).get("done") == key
+
+    @contextlib.contextmanager
+    def stage(self, name: str, key: str, precision: str | None = None):
+        if self.is_done(name, key):
+            yield
+            return
+        rec = self.data["stages"].setdefault(name, {"seconds": 0.0, "done": None})
+        rec["done"] = None
+        if precision is not None:
+            self.data.setdefault("precision", {})[name] = precision
+        t0 = time.perf_counter()
+        try:
+            yield
+            rec["done"] = key
+        finally:
+            self.add(name, time.perf_counter() - t0)
+
+    def add(self, name: str, seconds: float) -> None:
+        """Add `seconds` to stage `name` and save."""
+        rec = self.data["stages"].setdefault(name, {"seconds": 0.0, "done": None})
+        rec["seconds"] = round(rec["seconds"] + seconds, 3)
+        self.worked = True
+        self.save()
+
+    def save(self) -> None:
+        if not is_rank0():
+            return
+        from .report import machine_info
+
+        self.data["machine"] = machine_info()
+        self.data["updated"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        atomic_write_json(self.path, self.data)
+
+
+def _precision(device: str, precision: str) -> str:
+    return "bf16 autocast" if autocast_dtype(device, precision) is not None else "fp32"
+
+
+def evaluate_stage(cfg: config.SpeedrunStage, run: Path, stage: str, clock: StageClock) -> None:
+    """Evaluate the run's newest `stage` model ("base" | "chat") with `--eval-limit` items per task, unless a result
+    for that checkpoint and limit is already in `eval/`. Skipped with one line when evaluate.py is not installed."""
+    from . import checkpoint
+
+    limit = cfg.speedrun_eval.eval_limit
+    if limit == 0:
+        return
+    if importlib.util.find_spec("chatsmith.evaluate") is None:
+        log(f"speedrun: {stage} evaluation skipped: this chatsmith has no evaluate module yet")
+        return
+    ckpts = checkpoint.list_checkpoints(checkpoint.stage_root(run, stage))
+    if not ckpts:
+        log(f"speedrun: {stage} evaluation skipped: the run has no {stage} checkpoint")
+        return
+    step = int(ckpts[-1].name.split("_")[1])
+    done = run / "eval" / f"{stage}_step{step:06d}.json"
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        if json.loads(done.read_text(encoding="utf-8")).get("limit") == limit:
+            return
+    from . import evaluate
+
+    stage_cfg = config.make(evaluate.EvalStage, {"run": {"run": cfg.run.run, "preset": cfg.run.preset},
+                                                 "load": {"run": cfg.run.run},
+                                                 "eval": {"stage": stage, "limit": limit}})
+    with clock.stage(f"eval {stage}", StageClock.fingerprint(limit, step)):
+        evaluate.main(stage_cfg)
 
 
 def main(cfg: config.SpeedrunStage) -> dict:
-    from . import sft, tokenizer, train
+    from . import report, sft, tokenizer, train
     from .data import shards
 
     run = run_dir(cfg.run.run)
     log(f"speedrun: preset {cfg.run.preset!r}, run directory {run}")
-    dist = distributed.init(device_type(cfg.train.device))  # under torchrun: rank 0 makes the tokenizer and shards
-    timings: dict[str, float] = {}
+    device = device_type(cfg.train.device)
+    dist = distributed.init(device)  # under torchrun: rank 0 makes the tokenizer and shards
+    clock = StageClock(run / "speedrun.json")
 
     def prepare() -> None:
         config.save(cfg, run / "config.json", "speedrun")
-        t0 = time.perf_counter()
-        tokenizer.train_main(config.TokenizerStage(run=cfg.run, data=cfg.data, tokenizer=cfg.tokenizer))
-        timings["tokenizer"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        shards.main(config.DataStage(run=cfg.run, data=cfg.data, shards=cfg.shards))
-        timings["data"] = time.perf_counter() - t0
+        with clock.stage("tokenizer", clock.fingerprint(cfg.data, cfg.tokenizer)):
+            tokenizer.train_main(config.TokenizerStage(run=cfg.run, data=cfg.data, tokenizer=cfg.tokenizer))
+        with clock.stage("data", clock.fingerprint(cfg.data, cfg.shards)):
+            shards.main(config.DataStage(run=cfg.run, data=cfg.data, shards=cfg.shards))
 
     distributed.rank0_first(prepare, dist)
 
-    t0 = time.perf_counter()
     train_cfg = dataclasses.replace(cfg.train, resume=True)
-    summary = train.main(config.PretrainStage(run=cfg.run, model=cfg.model, optim=cfg.optim, train=train_cfg))
-    timings["pretrain"] = time.perf_counter() - t0
+    with clock.stage("pretrain", clock.fingerprint(cfg.model, cfg.optim, cfg.train, dist.world_size),
+                     _precision(device, cfg.train.precision)):
+        summary = train.main(config.PretrainStage(run=cfg.run, model=cfg.model, optim=cfg.optim, train=train_cfg))
 
-    t0 = time.perf_counter()
     sft_cfg = config.SFTStage(run=cfg.run, sft=cfg.sft, checks=cfg.checks, sft_optim=cfg.sft_optim,
                               sft_train=dataclasses.replace(cfg.sft_train, resume=True))
-    chat_summary = sft.main(sft_cfg)
-    timings["sft"] = time.perf_counter() - t0
+    with clock.stage("sft", clock.fingerprint(cfg.sft, cfg.checks, cfg.sft_optim, cfg.sft_train, dist.world_size),
+                     _precision(device, cfg.sft_train.precision)):
+        chat_summary = sft.main(sft_cfg)
 
+    def finish() -> Path:
+        for stage in ("base", "chat"):
+            evaluate_stage(cfg, run, stage, clock)
+        path = run / "report.md"
+        if clock.worked or not path.exists():  # a rerun that did nothing leaves the report as it was
+            t0 = time.perf_counter()
+            path = report.write(run)
+            clock.add("report", time.perf_counter() - t0)
+        return path
+
+    report_path = distributed.rank0_first(finish, dist)
     result = {"run": str(run), "val_bpb": summary["val_bpb"], "tokens": summary["tokens"],
               "sft_val_bpb": chat_summary["val_bpb"], "chat_checks": chat_summary.get("chat_checks"),
-              "seconds": {k: round(v, 1) for k, v in timings.items()}}
+              "seconds": {k: v["seconds"] for k, v in clock.data["stages"].items()}, "report": str(report_path)}
     for rec in train.read_metrics(run / "chat", "sample")[-len(sft.SAMPLE_PROMPTS):]:
         log(f"  {rec['prompt']} → {rec['text']!r}")
     log(f"speedrun done: {json.dumps(result, ensure_ascii=False)}")
+    log(f"\nreport card: {report_path}\n"
+        "talk to the model:  chatsmith chat     (in this terminal; it picks the newest run's chat model: this one)\n"
+        "serve it:           chatsmith serve    (web UI and OpenAI API at http://127.0.0.1:8000)")
     return result

