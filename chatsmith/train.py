@@ -5,13 +5,14 @@
     torchrun --standalone --nproc_per_node=2 -m chatsmith pretrain --preset cpu   # data parallel (distributed.py)
 
 Per step: `grad_accum` micro-batches of (device_batch, seq_len) tokens from the BOS-aligned packing loader, forward
-under bf16 autocast where the hardware has fast bf16 (CUDA >= sm80, CPUs with AMX; elsewhere fp32, measured in
-common.has_fast_bf16), backward, Muon + AdamW step with scheduled learning rates. Every `eval_every` steps:
-validation bits per byte on a fixed held-out token budget. Every `ckpt_every` steps and at the end: an atomic
-checkpoint holding weights, optimizer, RNG, loader position and loop state, so that a run killed at any moment and
-resumed reproduces the per-step losses of an uninterrupted run exactly (tested with SIGKILL in tests/test_train.py),
-and sample generations. Ctrl-C or SIGTERM saves a checkpoint at the last finished step before exiting. Metrics go
-to `metrics.jsonl` (one JSON object per line, `kind` = train|val|sample).
+under bf16 autocast where it is faster (CUDA >= sm80; on CPU a short matmul probe at the run's shapes decides,
+cached per machine: common.choose_precision; the choice and both figures go to metrics.jsonl), backward, Muon +
+AdamW step with scheduled learning rates. Every `eval_every` steps: validation bits per byte on a fixed held-out
+token budget. Every `ckpt_every` steps and at the end: an atomic checkpoint holding weights, optimizer, RNG, loader
+position and loop state, so that a run killed at any moment and resumed reproduces the per-step losses of an
+uninterrupted run exactly (tested with SIGKILL in tests/test_train.py), and sample generations. Ctrl-C or SIGTERM
+saves a checkpoint at the last finished step before exiting. Metrics go to `metrics.jsonl` (one JSON object per
+line, `kind` = precision|train|val|sample).
 """
 
 from __future__ import annotations
@@ -32,12 +33,15 @@ import torch
 from . import checkpoint, config, distributed
 from .common import (
     UserError,
+    atomic_write_json,
     atomic_write_text,
     autocast_dtype,
+    choose_precision,
     device_type,
     is_rank0,
     log,
     matmul_peak_flops,
+    probe_shapes,
     progress,
     run_dir,
     seed_all,
@@ -207,10 +211,21 @@ class Job:
     samples: Callable[[GPT, int], list[tuple[str, str]]]  # (model, seed) -> [(prompt, generated text)]
     token_bytes: torch.Tensor
     resume: Any = None  # the checkpoint.Checkpoint to continue from, or None
+    data_stats: dict | None = None  # what the data lost to the context (documents cropped, conversations dropped)
 
 
-def prior_checkpoint(ckroot: Path, run_name: str, resume: bool, model_cfg: dict):
-    """The checkpoint to resume from (None for a fresh start); refuses to overwrite a run unless `resume`."""
+def schedule_of(run: config.RunConfig, tc: config.TrainConfig, optim: config.OptimConfig) -> dict:
+    """What fixes a run's learning-rate schedule and data order (saved in every checkpoint's meta.json): resuming with
+    any of it changed would not continue the run that was interrupted. As JSON gives it back (tuples as lists)."""
+    schedule = {"steps": tc.steps, "device_batch": tc.device_batch, "batch_tokens": tc.batch_tokens,
+                "keep_tails": tc.keep_tails, "seed": run.seed, **dataclasses.asdict(optim)}
+    return json.loads(json.dumps(schedule))
+
+
+def prior_checkpoint(ckroot: Path, run_name: str, resume: bool, model_cfg: dict, schedule: dict | None = None,
+                     allow_schedule_change: bool = False):
+    """The checkpoint to resume from (None for a fresh start); refuses to overwrite a run unless `resume`, and to
+    resume with another model shape, or with another `schedule` (see schedule_of) unless `allow_schedule_change`."""
     if not checkpoint.list_checkpoints(ckroot):
         return None
     if not resume:
@@ -221,7 +236,61 @@ def prior_checkpoint(ckroot: Path, run_name: str, resume: bool, model_cfg: dict)
     if saved is not None and saved != model_cfg:
         raise UserError(f"the checkpoint {ck.path.name} was trained with another model config; resume with the "
                         f"same flags or choose a new --run name")
+    saved = ck.meta.get("schedule")
+    changed = [k for k in (schedule or {}) if saved is not None and saved.get(k) != schedule[k]]
+    if changed:
+        was = ", ".join(f"{_flag(k)} {_show(saved.get(k))}" for k in changed)
+        now = ", ".join(f"{_flag(k)} {_show(schedule[k])}" for k in changed)
+        if not allow_schedule_change:
+            raise UserError(f"run {run_name!r} was trained to step {ck.step} with {was}, not {now}, and resuming "
+                            f"with another schedule or data order would not continue it as it was; resume with the "
+                            f"same flags, pass --allow-schedule-change to continue anyway, or choose a new --run name")
+        log(f"warning: resuming run {run_name!r} at step {ck.step} with {now} (it was trained with {was}): "
+            f"--allow-schedule-change, so the rest of the run follows the new schedule")
     return ck
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _show(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def accumulate(step_model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: str, dtype,
+               dist: distributed.Dist = distributed.Dist()) -> tuple[float, int]:
+    """Forward and backward of one optimizer step's micro-batches, leaving in .grad the gradient of the mean loss
+    over every target of the step: all micro-batches, all ranks. Each micro-batch's summed loss is divided by that
+    total count (all-reduced first), so a micro-batch with 20 trained-on targets weighs 20/2,000 of one with 2,000,
+    as in one large batch; DDP then averages over ranks, which world_size undoes. Returns (this rank's summed loss,
+    the step's target count over all ranks)."""
+    n_local = sum(int((y >= 0).sum()) for _, y in batches)
+    n_total = int(distributed.all_reduce([n_local], dist)[0])
+    scale = dist.world_size / max(1, n_total)
+    loss_sum = 0.0
+    for i, (x, y) in enumerate(batches):
+        x, y = x.to(device), y.to(device)
+        with distributed.no_sync(step_model, skip=i < len(batches) - 1):  # average over ranks once, at the last
+            with autocast(device, dtype):
+                loss = step_model(x, y, reduction="sum")
+            (loss * scale).backward()
+        loss_sum += loss.item()
+    return loss_sum, n_total
+
+
+def write_data_stats(run: Path, stage: str, stats: dict) -> None:
+    """Record `stats` under `stage` in the run's data_stats.json (other stages' entries kept); rank 0 only."""
+    if not is_rank0():
+        return
+    path = run / "data_stats.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        saved = {}
+    atomic_write_json(path, {**saved, stage: stats})
 
 
 def fit(job: Job) -> dict:
@@ -230,7 +299,8 @@ def fit(job: Job) -> dict:
     mcfg = model.config
     ckroot = job.out / "checkpoints"
     device = next(model.parameters()).device.type
-    dtype = autocast_dtype(device, tc.precision)
+    precision = choose_precision(device, tc.precision, probe_shapes(mcfg, tc.device_batch * mcfg.seq_len))
+    dtype = precision.dtype
     dist = distributed.env()
     opt = build_optimizer(model, job.optim)
     ck = job.resume
@@ -260,6 +330,10 @@ def fit(job: Job) -> dict:
     flops_per_token = model.flops_per_token()
     peak = matmul_peak_flops("bfloat16" if dtype is not None else "float32", device=device)
     metrics = MetricsLog(job.out / "metrics.jsonl", resume_step=step if ck is not None else None)
+    metrics.write(kind="precision", step=step, **precision.as_dict())  # the choice and the probe's FLOP/s
+    if job.data_stats is not None:
+        metrics.write(kind="data", step=step, **job.data_stats)
+        write_data_stats(run_dir(job.run.run), job.name, job.data_stats)
     last_bpb = (read_metrics(job.out, "val") or [{}])[-1].get("val_bpb")
     log(f"{job.name}: {model.num_params() / 1e6:.2f}M params ({model.num_params(non_embedding=True) / 1e6:.2f}M "
         f"non-embedding), {flops_per_token / 1e6:.1f} MFLOPs/token; {tokens_per_step} tokens/step; "
@@ -272,8 +346,11 @@ def fit(job: Job) -> dict:
             state["ranks"] = distributed.gather({"loader": state["loader"], "rng": checkpoint.capture_rng()}, dist)
         checkpoint.save(ckroot, at, model.state_dict(), optimizer=opt.state_dict(), state=state,
                         meta={"config": job.saved_config, "kind": job.name, "tokens": at * tokens_per_step,
-                              "world_size": dist.world_size},
+                              "world_size": dist.world_size, "schedule": schedule_of(job.run, tc, job.optim)},
                         keep_last=tc.keep_last)  # writes on rank 0 only
+        if job.data_stats is not None:  # with what the packing cropped so far (rank 0's share)
+            write_data_stats(run_dir(job.run.run), job.name,
+                             {**job.data_stats, "loader": getattr(loader, "stats", None)})
         distributed.barrier(dist)  # nobody reads a checkpoint (the next stage) before it is complete
 
     def validate(at: int) -> float:
@@ -295,18 +372,11 @@ def fit(job: Job) -> dict:
         while step < tc.steps:
             apply_schedules(opt, step, tc.steps, job.optim)
             t0 = time.perf_counter()
-            loss_sum = 0.0
-            for i in range(rows_per_step):
-                x, y = loader.next_batch()
-                x, y = x.to(device), y.to(device)
-                with distributed.no_sync(step_model, skip=i < rows_per_step - 1):  # average once, at the last
-                    with autocast(device, dtype):
-                        loss = step_model(x, y)
-                    (loss / rows_per_step).backward()
-                loss_sum += loss.item()
+            batches = [loader.next_batch() for _ in range(rows_per_step)]
+            loss_sum, loss_tokens = accumulate(step_model, batches, device, dtype, dist)
             stopping = stop.requested  # decided here, once per step: under torchrun by all ranks together
-            if dist.enabled:  # the mean loss over ranks, and whether any rank was asked to stop
-                loss_sum, stop_any = distributed.all_reduce([loss_sum / dist.world_size, stopping], dist)
+            if dist.enabled:  # the loss summed over ranks, and whether any rank was asked to stop
+                loss_sum, stop_any = distributed.all_reduce([loss_sum, stopping], dist)
                 stopping = stop_any > 0
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -314,12 +384,12 @@ def fit(job: Job) -> dict:
             step += 1
             tok_s = tokens_per_step / dt
             mfu = flops_per_token * tok_s / peak
-            train_loss = loss_sum / rows_per_step
+            train_loss = loss_sum / max(1, loss_tokens)  # the mean over every target of the step
             if not math.isfinite(train_loss):
                 raise UserError(f"the loss became {train_loss} at step {step}; lower the learning rates "
                                 f"(--matrix-lr, --embed-lr) and start a new run")
             metrics.write(kind="train", step=step, loss=train_loss, lr=opt.param_groups[0]["lr"],
-                          tokens=step * tokens_per_step, tok_s=tok_s, mfu=mfu, dt=dt)
+                          tokens=step * tokens_per_step, loss_tokens=loss_tokens, tok_s=tok_s, mfu=mfu, dt=dt)
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.0%}",
                             bpb="-" if last_bpb is None else f"{last_bpb:.3f}")
@@ -338,7 +408,7 @@ def fit(job: Job) -> dict:
     metrics.close()
     wall = time.perf_counter() - t_start
     summary = {"run": job.run.run, "steps": step, "tokens": step * tokens_per_step, "val_bpb": last_bpb,
-               "seconds": wall}
+               "seconds": wall, "precision": precision.as_dict()}
     log(f"{job.name} done: {json.dumps(summary)}")
     return summary
 
@@ -371,17 +441,25 @@ def main(cfg: config.PretrainStage) -> dict:
     if mcfg.vocab_size < tok.vocab_size:
         raise UserError(f"--model-vocab-size {mcfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
     cfg = dataclasses.replace(cfg, model=mcfg)
-    ck = prior_checkpoint(run / "checkpoints", cfg.run.run, tc.resume, dataclasses.asdict(mcfg))
+    ck = prior_checkpoint(run / "checkpoints", cfg.run.run, tc.resume, dataclasses.asdict(mcfg),
+                          schedule_of(cfg.run, tc, cfg.optim), tc.allow_schedule_change)
     device = setup(cfg, cfg.run, tc, "pretrain")
     dist = distributed.env()
+    loader = PackingLoader(run / "shards" / "train", tc.device_batch, mcfg.seq_len, rank=dist.rank,
+                           world_size=dist.world_size, seed=cfg.run.seed, keep_tails=tc.keep_tails)
+    stats = loader.data_stats()
+    if stats["longer_than_row"]:
+        fate = ("cut into row-sized pieces (--keep-tails)" if tc.keep_tails else
+                "dropped (--keep-tails keeps them as pieces of their own)")
+        log(f"pretrain: {stats['longer_than_row']:,} of {stats['documents']:,} train documents are longer than a row "
+            f"of {stats['row_tokens']} tokens; their {stats['tokens_beyond_row']:,} tokens beyond it "
+            f"({stats['tokens_beyond_row'] / max(1, stats['tokens']):.1%} of the split) are {fate}")
 
     def samples(model: GPT, seed: int) -> list[tuple[str, str]]:
         return [(p, sample(model, tok, p, 32, device, seed=seed + i)) for i, p in enumerate(SAMPLE_PROMPTS)]
 
     return fit(Job(
         name="pretrain", run=cfg.run, optim=cfg.optim, train=tc, saved_config=config.to_dict(cfg), out=run,
-        model=GPT.build(mcfg, device=device),
-        loader=PackingLoader(run / "shards" / "train", tc.device_batch, mcfg.seq_len, rank=dist.rank,
-                             world_size=dist.world_size),
+        model=GPT.build(mcfg, device=device), loader=loader,
         val_batches=lambda: iter_val_batches(run / "shards" / "val", tc.device_batch, mcfg.seq_len, tc.eval_tokens),
-        samples=samples, token_bytes=tok.token_bytes(), resume=ck))
+        samples=samples, token_bytes=tok.token_bytes(), resume=ck, data_stats=stats))
