@@ -96,7 +96,7 @@ def export_gguf(loaded: Any, out: Path, dtype: str = "f16") -> Path:
     try:
         import gguf
     except ImportError:
-        raise UserError("GGUF export needs the gguf package: pip install 'chatsmith[export]'") from None
+        raise UserError("GGUF export needs the gguf package (a chatsmith dependency): pip install gguf") from None
     from .tokenizer import CHAT_TEMPLATE
 
     if dtype not in GGUF_DTYPES:
