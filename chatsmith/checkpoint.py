@@ -24,7 +24,8 @@ Notable choices:
 - `load` re-hashes every file against the manifest, so bit rot, a truncated copy or a hand-edited file is caught
   (CheckpointError, a UserError). `load_latest` skips such a checkpoint with a warning naming it and the reason, and
   returns the previous valid one.
-- Pruning (`keep_last`) renames a victim to a hidden `.old-*` name before deleting it, so a kill during deletion
+- Pruning (`keep_last`) counts valid checkpoints only (a corrupt one, skipped by `load_latest`, must not evict the
+  valid ones behind it), and renames a victim to a hidden `.old-*` name before deleting it, so a kill during deletion
   cannot leave a half-deleted directory that still looks complete. Hidden `.tmp-*` / `.old-*` directories of writers
   that are no longer alive are removed by the next save.
 - Re-saving an existing step renames the old directory aside, renames the new one in, then deletes the old one. A
@@ -38,11 +39,10 @@ Notable choices:
 - `state` and `meta` round-trip through JSON: tuples come back as lists and dict keys as strings.
 - `load_model` is the one loader (run or checkpoint -> model + tokenizer + precision) that chat, serve, eval, export
   and RL call. Which model: `--checkpoint PATH` (a step_N directory; the tokenizer comes from the nearest parent
-  holding `tokenizer/`), else the newest valid checkpoint of `--run` under `<run>/chat/checkpoints` (SFT) or
-  `<run>/checkpoints` (the base model), as the caller's `stage` asks. With no `--run`, the newest run that has a
-  model of that stage, named in the log.
-- Cost (2-core AMD EPYC, ext4): saving 16 MB of weights + 16 MB of optimizer state takes ~0.16 s, of which
-  SHA-256 hashing (one extra read per file, 1.3 GB/s) is 0.03 s and fsync 0.03 s; load re-hashes at the same rate.
+  holding `tokenizer/`), else the newest valid checkpoint of `--run` under `<run>/rl/checkpoints` (RL),
+  `<run>/chat/checkpoints` (SFT) or `<run>/checkpoints` (the base model), as the caller's `stage` asks. With no
+  `--run`, the newest run that has a model of that stage, named in the log.
+- Cost: SHA-256 hashing costs one extra read per file on save and on load, small beside writing the weights.
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def save(root: Path, step: int, model: dict, optimizer: dict | None = None, stat
             raise CheckpointError(f"could not write checkpoint {final} ({e.strerror}); free disk space or fix the "
                                   f"permissions of {root}, then resume with --resume") from None
         raise
-    _prune(root, keep_last)
+    _prune(root, keep_last, final)
     _remove_stale(root)
     return final
 
@@ -309,10 +309,21 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def _prune(root: Path, keep_last: int, written: Path) -> None:
+    """Delete all but the newest `keep_last` valid checkpoints (and any checkpoint older than those). A corrupt one
+    is not counted as kept, so after a fallback a corrupt newer checkpoint cannot evict the valid ones it hides; it
+    stays until its step is written again. Validity is checked newest first (`written` was just written) and only
+    until `keep_last` valid ones are found, so pruning re-reads at most keep_last - 1 checkpoints."""
     if keep_last <= 0:
         return
-    for path in list_checkpoints(root)[:-keep_last]:
+    paths = list_checkpoints(root)
+    kept, victims = 0, []
+    for path in reversed(paths):
+        if kept >= keep_last:
+            victims.append(path)
+        elif path == written or _verify(path):
+            kept += 1
+    for path in victims:
         trash = root / f".old-{path.name}-{os.getpid()}"
         os.rename(path, trash)  # one rename hides it from readers; the slow delete happens out of sight
         shutil.rmtree(trash, ignore_errors=True)
@@ -355,6 +366,17 @@ def list_checkpoints(root: Path) -> list[Path]:
         if m and (p / MANIFEST_FILE).is_file():
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
+
+
+def _verify(path: Path) -> bool:
+    """Whether every file of the checkpoint matches the SHA-256 in its manifest (what `load` checks first)."""
+    try:
+        files = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))["files"]
+        if not all(name in files for name in (MODEL_FILE, STATE_FILE, META_FILE)):
+            return False
+        return all("/" not in name and _sha256(path / name) == expected for name, expected in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def load(path: Path, map_location="cpu") -> Checkpoint:
@@ -451,8 +473,12 @@ class LoadedModel:
 
 
 def stage_root(run: Path, stage: str) -> Path:
-    """Where a run keeps the checkpoints of a stage: `chat/checkpoints` (SFT, RL) or `checkpoints` (pretraining)."""
-    return run / "chat" / "checkpoints" if stage == "chat" else run / "checkpoints"
+    """Where a run keeps the checkpoints of a stage: `rl/checkpoints` (RL), `chat/checkpoints` (SFT) or `checkpoints`
+    (pretraining, stage "base")."""
+    return {"rl": run / "rl" / "checkpoints", "chat": run / "chat" / "checkpoints"}.get(stage, run / "checkpoints")
+
+
+CHAT_KINDS = ("rl", "chat")  # the chat models of a run, preferred first: RL continues from SFT
 
 
 def newest_run_with(stage: str) -> Path | None:
@@ -462,9 +488,9 @@ def newest_run_with(stage: str) -> Path | None:
     if not root.is_dir():
         return None
     runs = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
-    for kind in (("chat", "base") if stage in ("chat", "auto") else ("base",)):
+    for kinds in ((CHAT_KINDS, ("base",)) if stage in ("chat", "auto") else (("base",),)):
         for run in runs:
-            if list_checkpoints(stage_root(run, kind)):
+            if any(list_checkpoints(stage_root(run, kind)) for kind in kinds):
                 return run
     return None
 
@@ -483,7 +509,7 @@ def _pick(cfg: LoadConfig, stage: str) -> tuple[Checkpoint, Path, bool]:
         run = run_dir(cfg.run, create=False) if cfg.run else _tokenizer_run(path)
         if run is None:
             raise UserError(f"no tokenizer/ found above {path}; pass --run NAME to take the tokenizer of that run")
-        return load(path), run, path.resolve().parent.parent.name == "chat"
+        return load(path), run, path.resolve().parent.parent.name in CHAT_KINDS
     if cfg.run:
         run = run_dir(cfg.run, create=False)
         if not run.is_dir():
@@ -494,9 +520,10 @@ def _pick(cfg: LoadConfig, stage: str) -> tuple[Checkpoint, Path, bool]:
         if run is None:
             raise UserError(NO_MODEL if stage != "base" else "no base model found; run `chatsmith speedrun` first")
     if stage in ("chat", "auto"):
-        ck = load_latest(stage_root(run, "chat"))
-        if ck is not None:
-            return ck, run, True
+        for kind in CHAT_KINDS:
+            ck = load_latest(stage_root(run, kind))
+            if ck is not None:
+                return ck, run, True
     ck = load_latest(stage_root(run, "base"))
     if ck is None:
         raise UserError(f"{NO_MODEL if stage != 'base' else 'no base model found'} (run {run.name} has no "
@@ -508,8 +535,9 @@ def _pick(cfg: LoadConfig, stage: str) -> tuple[Checkpoint, Path, bool]:
 
 
 def load_model(cfg: LoadConfig, stage: str = "chat") -> LoadedModel:
-    """The model, tokenizer and precision chosen by `cfg`: `stage` "chat" prefers the run's chat model (a base model
-    with a warning when it has none), "base" takes the pretrained model, "auto" the newest of either, silently."""
+    """The model, tokenizer and precision chosen by `cfg`: `stage` "chat" takes the run's chat model (after RL, else
+    after SFT; the base model with a warning when it has neither), "base" the pretrained model, "auto" the chat model
+    or else the base model, silently."""
     import torch
 
     from .common import autocast_dtype, device_type
