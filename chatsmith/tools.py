@@ -1,4 +1,4 @@
-"""Tools a chat model can call: a safe calculator and a resource-limited Python runner, behind one small registry.
+"""Tools a chat model can call: a safe calculator and a sandboxed Python runner (opt-in), behind one small registry.
 
 The model writes `<tool_call>{"name": "calculator", "arguments": {"expression": "2+3"}}</tool_call>` in its turn; the
 engine hands the text to `parse_tool_call`, runs `run_tool(name, arguments)` and puts the returned text into a `tool`
@@ -6,7 +6,7 @@ turn. Tools never raise: every failure comes back as text that starts with "erro
 try again.
 
     python -m chatsmith.tools '<tool_call>{"name": "calculator", "arguments": {"expression": "0.1+0.2"}}</tool_call>'
-    python -m chatsmith.tools '{"name": "python", "arguments": {"code": "print(sum(range(10)))"}}'
+    python -m chatsmith.tools --allow-python '{"name": "python", "arguments": {"code": "print(sum(range(10)))"}}'
 
 Calculator (`calculate`). The expression is parsed with `ast.parse(..., mode="eval")` and walked over an allow-list:
 number literals, + - * / // % **, unary + -, parentheses, the constants pi and e, and the functions sqrt abs round
@@ -20,23 +20,8 @@ min max floor ceil exp log sin cos tan. No eval/exec, no other names, no attribu
   before it is computed (`9**9**9` answers in microseconds); an exact power that would need more than 4096 bits is
   done in float instead ((1/2)**5000 underflows to 0). `^` is read as `**` (a model asking for 2^10 never means xor).
 
-Python runner (`run_python`). The code goes to `main.py` in a fresh temp dir (also cwd, HOME and TMPDIR; removed
-afterwards) and runs as `sys.executable -I main.py` in its own session (process group):
-- `-I` (isolated: no PYTHON* variables, no user site, no script dir on sys.path) but not `-S`, so the venv's
-  site-packages stay importable (numpy imports under the 512 MB default; torch does not fit in it).
-- Wall-clock timeout: the whole process group gets SIGKILL. The group is also killed when the main process exits,
-  so a forked child that lingers (and would hold the output pipes open) dies too. We wait with `WNOWAIT`, so the
-  leader stays unreaped until its group is killed and the group id cannot be recycled in between.
-- Limits set in `preexec_fn`: RLIMIT_AS (memory; an allocation past it raises MemoryError in the child, which we
-  report as `memory_exceeded`), RLIMIT_CPU (timeout + 1 s, a backstop), RLIMIT_FSIZE (64 MB per file), no core dumps.
-- Environment: only PATH, LANG/LC_ALL (C.UTF-8), HOME/TMPDIR (the temp dir), one-thread BLAS/OpenMP and
-  MALLOC_ARENA_MAX=2 (per-thread malloc arenas otherwise eat the address-space limit). Nothing else from the parent:
-  no CHATSMITH_*, no API keys, no tokens. stdin is /dev/null.
-- Output: stdout and stderr are each kept to `max_output_bytes` (the head, a marker with the number of bytes cut,
-  and the last 1 KB, so a traceback at the end survives); the parent never buffers more than that.
-This is resource isolation for a model's honest mistakes (infinite loops, memory bombs, floods of output), not a
-security boundary: the code runs as our user, can read our files and use the network, and a process that calls
-setsid() itself leaves the process group. Run the server in a container if the model may be hostile.
+Python runner (`run_python`, in chatsmith/sandbox.py, re-exported here): off unless asked for (`--allow-python` in
+chat, serve and sft checks; `run_tool(..., allow_python=True)`), and then only inside bubblewrap.
 """
 
 from __future__ import annotations
@@ -44,24 +29,16 @@ from __future__ import annotations
 import ast
 import dataclasses
 import decimal
-import functools
 import json
 import math
-import os
-import re
-import resource
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
-import time
 from collections.abc import Callable, Mapping
 from fractions import Fraction
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+
+from .common import UserError
+from .sandbox import PythonResult, SandboxUnavailable, check_sandbox, run_python  # noqa: F401 (re-exported)
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
@@ -253,152 +230,6 @@ def _format(value: Number) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# python runner
-
-
-@dataclasses.dataclass(frozen=True)
-class PythonResult:
-    """What one run of `run_python` did; `format()` is the text of the tool turn."""
-
-    stdout: str
-    stderr: str
-    exit_code: int  # negative: killed by that signal (subprocess convention)
-    timed_out: bool
-    memory_exceeded: bool
-    truncated: bool
-    seconds: float
-    timeout_s: float
-    memory_mb: int
-    max_output_bytes: int
-
-    def format(self) -> str:
-        parts = []
-        if self.stdout:
-            parts.append(self.stdout.rstrip("\n"))
-        if self.stderr:
-            parts.append("[stderr]\n" + self.stderr.rstrip("\n"))
-        if self.timed_out:
-            parts.append(f"[timed out after {self.timeout_s:g} s; the process was killed]")
-        elif self.memory_exceeded:
-            parts.append(f"[memory limit of {self.memory_mb} MB exceeded]")
-        elif self.exit_code != 0:
-            parts.append(f"[exit code {self.exit_code}]")
-        if self.truncated:
-            parts.append(f"[output truncated to {self.max_output_bytes} bytes per stream]")
-        return "\n".join(parts) if parts else "[no output]"
-
-
-def run_python(code: str, *, timeout_s: float = 10.0, memory_mb: int = 512,
-               max_output_bytes: int = 4096) -> PythonResult:
-    """Run `code` in a fresh Python subprocess with wall-clock, memory and output limits (see the module docstring)."""
-    workdir = tempfile.mkdtemp(prefix="chatsmith-python-")
-    try:
-        Path(workdir, "main.py").write_text(code, encoding="utf-8", errors="replace")
-        start = time.monotonic()
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "main.py"], cwd=workdir, env=_sandbox_env(workdir),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True,
-            start_new_session=True, preexec_fn=functools.partial(_set_limits, memory_mb, timeout_s),
-        )
-        out, err = _Capture(proc.stdout, max_output_bytes), _Capture(proc.stderr, max_output_bytes)
-        exited = _wait_unreaped(proc.pid, start + timeout_s)
-        _kill_group(proc.pid)  # on timeout, and also to end children that outlive the main process
-        exit_code = proc.wait()
-        seconds = time.monotonic() - start
-        out.join(), err.join()
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    timed_out = not exited or exit_code == -signal.SIGXCPU
-    stderr = err.text()
-    last_line = stderr.rstrip().rsplit("\n", 1)[-1]
-    memory_exceeded = not timed_out and (exit_code == -signal.SIGKILL or re.match(r"[\w.]*MemoryError\b", last_line))
-    return PythonResult(
-        stdout=out.text(), stderr=stderr, exit_code=exit_code, timed_out=timed_out,
-        memory_exceeded=bool(memory_exceeded), truncated=out.truncated or err.truncated, seconds=seconds,
-        timeout_s=timeout_s, memory_mb=memory_mb, max_output_bytes=max_output_bytes,
-    )
-
-
-def _sandbox_env(workdir: str) -> dict[str, str]:
-    one = "1"
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": workdir,
-            "TMPDIR": workdir, "OMP_NUM_THREADS": one, "OPENBLAS_NUM_THREADS": one, "MKL_NUM_THREADS": one,
-            "MALLOC_ARENA_MAX": "2"}
-
-
-def _set_limits(memory_mb: int, timeout_s: float) -> None:
-    """Runs in the child between fork and exec: keep it to plain system calls."""
-    memory = memory_mb << 20
-    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-    cpu = math.ceil(timeout_s) + 1
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 20, 64 << 20))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
-def _wait_unreaped(pid: int, deadline: float) -> bool:
-    """Wait until `pid` exits or `deadline` passes, leaving it a zombie so its process group id stays ours."""
-    pause = 0.001
-    while True:
-        try:
-            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                return True
-        except ChildProcessError:
-            return True
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        time.sleep(min(pause, remaining))
-        pause = min(pause * 2, 0.05)
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-class _Capture:
-    """Drains one pipe in a thread, keeping the first bytes and the last 1 KB within `limit` bytes."""
-
-    def __init__(self, pipe, limit: int):
-        self.pipe, self.limit = pipe, limit
-        self.tail_limit = min(1024, limit // 4)
-        self.head, self.tail, self.total = bytearray(), bytearray(), 0
-        self.thread = threading.Thread(target=self._drain, daemon=True)
-        self.thread.start()
-
-    def _drain(self) -> None:
-        head_limit = self.limit - self.tail_limit
-        while chunk := self.pipe.read1(65536):
-            self.total += len(chunk)
-            room = head_limit - len(self.head)
-            if room > 0:
-                self.head += chunk[:room]
-                chunk = chunk[room:]
-            if chunk and self.tail_limit:
-                self.tail += chunk
-                del self.tail[:-self.tail_limit]
-        self.pipe.close()
-
-    def join(self) -> None:
-        self.thread.join(timeout=2.0)  # a descendant that escaped the group may still hold the pipe: give up on it
-
-    @property
-    def truncated(self) -> bool:
-        return self.total > self.limit
-
-    def text(self) -> str:
-        if self.truncated:
-            cut = self.total - len(self.head) - len(self.tail)
-            data = bytes(self.head) + f"\n[... {cut} bytes cut ...]\n".encode() + bytes(self.tail)
-        else:
-            data = bytes(self.head + self.tail)
-        return data.decode("utf-8", errors="replace")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # registry
 
 
@@ -476,11 +307,16 @@ def _validate(arguments: Mapping[str, Any], schema: Mapping[str, Any]) -> str | 
     return None
 
 
-def run_tool(name: str, arguments: Mapping[str, Any] | str) -> str:
-    """Run tool `name` with `arguments` (a dict or its JSON text); the text for the tool turn, never an exception."""
+def run_tool(name: str, arguments: Mapping[str, Any] | str, *, allow_python: bool = False) -> str:
+    """Run tool `name` with `arguments` (a dict or its JSON text); the text for the tool turn, never an exception.
+
+    The python tool runs only with `allow_python` (the user's --allow-python); otherwise its call gets an error turn."""
     spec = TOOLS.get(name) if isinstance(name, str) else None
     if spec is None:
         return f"error: unknown tool {name!r}; the tools are {', '.join(TOOLS)}"
+    if name == "python" and not allow_python:
+        return ("error: the python tool is off here (the user can turn it on with --allow-python); "
+                "use the calculator for arithmetic")
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments) if arguments.strip() else {}
@@ -493,6 +329,8 @@ def run_tool(name: str, arguments: Mapping[str, Any] | str) -> str:
         return f"error: {problem}"
     try:
         return spec.run(arguments)
+    except UserError as exc:  # SandboxUnavailable: the sentence says how to install bubblewrap
+        return f"error: {exc}"
     except Exception as exc:  # last line of defence: a tool failure is text for the model, not a crash of the engine
         return f"error: {name} failed: {type(exc).__name__}: {exc}"
 
@@ -524,14 +362,15 @@ def parse_tool_call(text: str) -> tuple[str, dict[str, Any]] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m chatsmith.tools '<tool_call>{...}</tool_call>'`: run one tool call and print its result."""
-    argv = sys.argv[1:] if argv is None else argv
-    call = parse_tool_call(" ".join(argv))
+    """`python -m chatsmith.tools [--allow-python] '<tool_call>{...}</tool_call>'`: run one call, print its result."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    allow_python = "--allow-python" in argv
+    call = parse_tool_call(" ".join(a for a in argv if a != "--allow-python"))
     if call is None:
-        print('usage: python -m chatsmith.tools \'{"name": "calculator", "arguments": {"expression": "2+3"}}\'',
-              file=sys.stderr)
+        print('usage: python -m chatsmith.tools [--allow-python] '
+              '\'{"name": "calculator", "arguments": {"expression": "2+3"}}\'', file=sys.stderr)
         return 2
-    print(run_tool(*call))
+    print(run_tool(*call, allow_python=allow_python))
     return 0
 
 
