@@ -273,7 +273,7 @@ def logprobs_body(chat: bool, ids: list[int], scored: list[tuple[float, list[tup
 # ---------------------------------------------------------------------------------------------------------------------
 # /metrics (Prometheus text, written by prometheus_client)
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/tools", "/health", "/metrics")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/tools", "/tokenize", "/health", "/metrics")
 
 
 def endpoint_label(path: str) -> str:

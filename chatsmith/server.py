@@ -10,7 +10,8 @@
 
 Endpoints: POST /v1/chat/completions (stream or not), POST /v1/completions, GET /v1/models (with `max_model_len`,
 as vLLM, and the chat sampling defaults), GET /v1/tools and POST /v1/tools/{name} (the tools this server runs for
-the web UI: the calculator only), GET /health (503 while the model loads, 200 when ready), GET /metrics
+the web UI: the calculator only), POST /tokenize (vLLM's: a chat prompt's token count, so the UI can keep a
+conversation inside the context), GET /health (503 while the model loads, 200 when ready), GET /metrics
 (Prometheus text), and the UI's static files (chatsmith/ui) at `/`.
 
 How it is shaped:
@@ -103,8 +104,8 @@ STATUS_CLIENT_GONE = 499  # nginx's "client closed request", for /metrics
 class ServeConfig:
     host: str = opt("127.0.0.1", "address to bind; 0.0.0.0 exposes the server to the network")
     port: int = opt(8000, "TCP port", min=0, max=65535)
-    api_key: str = opt("", "require `Authorization: Bearer KEY` on /v1 and /metrics (else $CHATSMITH_API_KEY; "
-                           "empty = open)")
+    api_key: str = opt("", "require `Authorization: Bearer KEY` on /v1, /tokenize and /metrics (else "
+                           "$CHATSMITH_API_KEY; empty = open)")
     slots: int = opt(8, "sequences decoded together (KV-cache slots)", min=1, max=4096)
     max_queue: int = opt(64, "sequences that may wait for a slot; more get 429", min=0, max=1_000_000)
     max_body_bytes: int = opt(1_000_000, "largest request body; more gets 413", min=1, max=1 << 30)
@@ -416,7 +417,7 @@ def _guard(app, server: Server):
 
     async def guarded(scope, receive, send):
         path = scope.get("path", "") if scope["type"] == "http" else ""
-        if server.api_key and (path.startswith("/v1") or path == "/metrics"):
+        if server.api_key and (path.startswith("/v1") or path in ("/metrics", "/tokenize")):
             given = dict(scope.get("headers") or ()).get(b"authorization", b"").decode("latin-1")
             token = given[7:] if given[:7].lower() == "bearer " else ""
             if not hmac.compare_digest(token.encode("utf-8", "replace"), server.api_key.encode()):
@@ -436,6 +437,8 @@ def create_app(server: Server, ui_dir: Path | None = None):
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.requests import ClientDisconnect
+
+    from .tokenizer import ConversationError
 
     app = FastAPI(title="chatsmith", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -601,6 +604,36 @@ def create_app(server: Server, ui_dir: Path | None = None):
         if model_id != server.model_id:
             raise APIError(404, f"The model {model_id[:80]!r} does not exist", param="model", code="model_not_found")
         return model_card()
+
+    def count(raw: bytes) -> dict:
+        """vLLM's /tokenize: {"messages": [...]} (rendered as a chat prompt) or {"prompt": "..."} -> its tokens."""
+        body = parse_body(raw)
+        chat = "messages" in body
+        schema = ChatRequest if chat else CompletionRequest
+        try:
+            req = schema.model_validate({**body, "prompt": body.get("prompt", "")} if not chat else body)
+        except ValidationError as e:
+            raise invalid_body(e, schema) from None
+        if chat:
+            try:
+                ids = server.tokenizer.render_for_completion([m.turn() for m in req.messages])
+            except ConversationError as e:
+                raise invalid_value("messages", str(e)) from None
+        elif isinstance(req.prompt, str):
+            ids = server.tokenizer.encode(req.prompt, bos=True)
+        else:
+            raise invalid_value("prompt", "prompt must be a string")
+        return {"count": len(ids), "max_model_len": server.engine.max_len, "tokens": ids}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        try:
+            require_ready()
+            reply = await off_loop(count, await read_body(request))
+        except APIError as e:
+            return error_response(e, "/tokenize")
+        server.metrics.request("/tokenize", 200)
+        return reply
 
     @app.get("/v1/tools")
     async def tools_list():

@@ -58,14 +58,36 @@ def sse(delta: dict, finish: str | None = None) -> str:
     return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
 
+CALCULATOR = {"type": "function", "function": {"name": "calculator", "description": "Evaluate arithmetic.",
+                                               "parameters": {"type": "object"}}}
+CONTEXT = 512  # the fake model's max_model_len; /tokenize counts 100 tokens per user message
+
+
 def make_backend() -> SimpleNamespace:
     state = SimpleNamespace(requests=[], gate=threading.Event(), finished=threading.Event(),
-                            slow_sent=0, slow_closed=threading.Event())
+                            slow_sent=0, slow_closed=threading.Event(), tool_runs=[], tokenized=[])
     app = fastapi.FastAPI()
 
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": "fake-model", "object": "model"}, {"id": "other-model"}]}
+        return {"object": "list", "data": [
+            {"id": "fake-model", "object": "model", "max_model_len": CONTEXT,
+             "sampling_defaults": {"temperature": 0.6, "top_p": 0.95}}, {"id": "other-model"}]}
+
+    @app.get("/v1/tools")
+    def tools():
+        return {"object": "list", "data": [CALCULATOR]}
+
+    @app.post("/v1/tools/{name}")
+    async def run_tool(name: str, request: fastapi.Request):
+        state.tool_runs.append((name, (await request.json())["arguments"]))
+        return {"content": "391"}
+
+    @app.post("/tokenize")
+    async def tokenize(request: fastapi.Request):
+        messages = (await request.json())["messages"]
+        state.tokenized.append(messages)
+        return {"count": 100 * sum(m["role"] == "user" for m in messages), "max_model_len": CONTEXT}
 
     @app.post("/v1/chat/completions")
     async def chat(request: fastapi.Request):
@@ -81,7 +103,16 @@ def make_backend() -> SimpleNamespace:
         async def stream():
             state.finished.clear()
             yield sse({"role": "assistant", "content": ""})
-            if "[gate]" in last:
+            if body["messages"][-1]["role"] == "tool":
+                yield sse({"content": f"The answer is {last}."})
+            elif "[tool]" in last:
+                yield sse({"content": "Let me compute."})
+                yield sse({"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {
+                    "name": "calculator", "arguments": '{"expression": "17 * 23"}'}}]}, "tool_calls")
+                yield "data: [DONE]\n\n"  # one finish_reason per choice, as the API sends it
+                state.finished.set()
+                return
+            elif "[gate]" in last:
                 for word in ["Hello ", "there, ", "streaming "]:
                     yield sse({"content": word})
                 deadline = time.monotonic() + 15
@@ -375,11 +406,70 @@ def test_settings_reach_the_request_and_persist(open_page, server):
     assert sent["auth"] == "Bearer sk-test"
     body = sent["body"]
     assert body["messages"][0] == {"role": "system", "content": "Be brief."}
-    assert (body["temperature"], body["top_p"], body["max_tokens"], body["model"]) == (0.2, 1, 64, "other-model")
+    assert (body["temperature"], body["max_tokens"], body["model"]) == (0.2, 64, "other-model")
+    assert "top_p" not in body  # left empty: the server's default
     page.reload()
     expect(page.locator("#model-badge")).to_have_text("other-model")
     page.click("#open-settings")
     expect(page.locator("[name=system]")).to_have_value("Be brief.")
+
+
+def test_defaults_are_the_servers_and_tools_are_sent(open_page, server):
+    """Regression: the page sent max_tokens 512 whatever the context (a 400 on the first message of a 512-token
+    model), temperature 0.7 and top_p 1 (not the terminal chat's defaults) and no tools."""
+    page = open_page()
+    send(page, "hi")
+    wait_idle(page)
+    body = server.backend.requests[-1]["body"]
+    assert not {"max_tokens", "temperature", "top_p"} & set(body)  # the server applies its own defaults
+    assert body["tools"] == [CALCULATOR]
+    page.click("#open-settings")
+    expect(page.locator("[name=temperature]")).to_have_attribute("placeholder", "0.6 (server default)")
+    expect(page.locator("[name=max_tokens]")).to_have_attribute("placeholder",
+                                                                f"auto (fits the {CONTEXT}-token context)")
+    page.fill("[name=max_tokens]", "5000")  # more than the context: capped, never an impossible request
+    page.click("#settings button[value=close]")
+    send(page, "again")
+    wait_idle(page)
+    assert server.backend.requests[-1]["body"]["max_tokens"] == CONTEXT - 1
+
+
+def test_a_tool_call_runs_on_the_server_and_the_reply_goes_on(open_page, server):
+    """Regression: calculator calls the model was trained to make showed up as raw <tool_call> text."""
+    page = open_page()
+    server.backend.tool_runs.clear()
+    send(page, "What is 17 * 23? [tool]")
+    expect(page.locator(".msg.assistant .body").last).to_have_text("The answer is 391.")
+    wait_idle(page)
+    assert server.backend.tool_runs == [("calculator", '{"expression": "17 * 23"}')]
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "calculator", "arguments": '{"expression": "17 * 23"}'}}
+    assert server.backend.requests[-1]["body"]["messages"] == [
+        {"role": "user", "content": "What is 17 * 23? [tool]"},
+        {"role": "assistant", "content": "Let me compute.", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "391"}]
+    expect(page.locator(".msg.tool")).to_have_text("calculator → 391")
+    expect(page.locator(".tool-call")).to_have_text('calculator {"expression": "17 * 23"}')
+    assert "<tool_call>" not in page.locator("#messages").inner_text()
+    page.reload()  # stored with its tool turns
+    page.locator(".conv-title").first.click()
+    expect(page.locator(".msg")).to_have_count(4)
+    expect(page.locator(".msg.tool")).to_have_text("calculator → 391")
+
+
+def test_a_long_conversation_leaves_out_the_oldest_exchanges(open_page, server):
+    """The prompt must leave min(max tokens, context / 4) = 128 tokens for the reply: with /tokenize counting 100
+    per user message, at most 3 exchanges fit in 512 tokens; the stored conversation keeps all of them."""
+    page = open_page()
+    for k in range(5):
+        send(page, f"message {k}")
+        wait_idle(page)
+    sent = server.backend.requests[-1]["body"]["messages"]
+    assert [m["content"] for m in sent if m["role"] == "user"] == ["message 2", "message 3", "message 4"]
+    assert sent[0] == {"role": "user", "content": "message 2"}  # whole exchanges, from a user message on
+    expect(page.locator(".msg.user")).to_have_count(5)
+    expect(page.locator(".msg.assistant .note").last).to_have_text(
+        "The 2 oldest exchanges were left out to fit the model's 512-token context.")
 
 
 def test_regenerate_and_edit_drop_what_followed(open_page, server):

@@ -1,7 +1,18 @@
 /* chatsmith web chat: the page `chatsmith serve` shows at / (open http://127.0.0.1:8000/ after starting it).
  *
  * Plain modern JS, no build step, no CDN. It talks only to the OpenAI-compatible API of the origin that served it:
- * GET v1/models to fill the model list and POST v1/chat/completions with stream: true.
+ * GET v1/models to fill the model list (and learn max_model_len, as vLLM reports it) and POST v1/chat/completions
+ * with stream: true. Against `chatsmith serve` it also uses two optional endpoints, and works without them elsewhere:
+ * - Tools: GET v1/tools lists the tools the server runs for the page (the calculator); they go into every request as
+ *   `tools`, and a reply that ends in tool_calls has each call run with POST v1/tools/NAME, the result appended as a
+ *   `tool` turn, and the reply continued (at most MAX_TOOL_CALLS calls, as `chatsmith chat`).
+ * - Context: POST tokenize (vLLM's) counts the prompt; the oldest exchanges (a user message and the turns that answer
+ *   it) are left out of the request until the prompt leaves room for min(max tokens, context / 4) tokens of reply,
+ *   the rule of `chatsmith chat`; the stored conversation keeps them. Without that endpoint a 400
+ *   context_length_exceeded leaves one more exchange out and tries again.
+ * Sampling: fields left empty in Settings are not sent, so the server applies its defaults (for chatsmith: the same
+ * as the terminal chat, shown as placeholders from v1/models); max_tokens is never sent unless set, and is capped at
+ * what the context can hold.
  *
  * Storage: conversations, settings and the theme live in the browser's localStorage, not on the server. Why: the
  * server stays stateless (nothing to migrate, back up or secure, no accounts), the page works unchanged in front of
@@ -18,8 +29,10 @@
 "use strict";
 
 const KEYS = { convs: "chatsmith.conversations.v1", settings: "chatsmith.settings.v1", theme: "chatsmith.theme" };
-const DEFAULTS = Object.freeze({ system: "", model: "", temperature: "0.7", top_p: "1", max_tokens: "512", apiKey: "" });
-const ROLES = new Set(["system", "user", "assistant"]);
+const DEFAULTS = Object.freeze({ system: "", model: "", temperature: "", top_p: "", max_tokens: "", apiKey: "" });
+const ROLES = new Set(["system", "user", "assistant", "tool"]);
+const MAX_TOOL_CALLS = 4;
+const REPLY_TOKENS = 512; // what a reply may use when Settings set no max tokens (the server's --max-tokens default)
 
 // ---------------------------------------------------------------- small DOM helpers (no HTML strings anywhere)
 
@@ -164,9 +177,24 @@ function normalize(c) { // a stored or imported conversation, with only the fiel
   return {
     id: typeof c.id === "string" && c.id ? c.id : newId(),
     title: typeof c.title === "string" && c.title ? c.title : titleFrom(c.messages[0]?.content ?? ""),
-    messages: c.messages.map((m) => ({ role: m.role, content: m.content, ...(m.note ? { note: String(m.note) } : {}) })),
+    messages: c.messages.map((m) => ({
+      role: m.role, content: m.content, ...(m.note ? { note: String(m.note) } : {}),
+      ...(Array.isArray(m.tool_calls) && m.tool_calls.length ? { tool_calls: m.tool_calls.map(cleanCall) } : {}),
+      ...(typeof m.tool_call_id === "string" ? { tool_call_id: m.tool_call_id } : {}),
+      ...(typeof m.name === "string" ? { name: m.name } : {}),
+    })),
     updated: Number(c.updated) || Date.now(),
   };
+}
+
+function cleanCall(c) { // an OpenAI tool call with string fields only
+  const f = c?.function ?? {};
+  return { id: String(c?.id ?? ""), type: "function", function: { name: String(f.name ?? ""),
+    arguments: typeof f.arguments === "string" ? f.arguments : JSON.stringify(f.arguments ?? {}) } };
+}
+
+function exchangeStarts(messages) { // indexes where an exchange (a user message and the turns after it) begins
+  return messages.map((m, i) => (m.role === "user" ? i : -1)).filter((i) => i >= 0);
 }
 
 function newId() {
@@ -180,17 +208,18 @@ function titleFrom(text) {
 
 // ---------------------------------------------------------------- SSE streaming client
 
-async function errorMessage(res) {
+async function apiError(res) { // an Error with the server's message and its OpenAI error code
   const text = await res.text().catch(() => "");
-  let msg = "";
+  let msg = "", code = null;
   try {
     const body = JSON.parse(text);
     msg = body?.error?.message ?? body?.detail ?? "";
+    code = body?.error?.code ?? null;
     if (typeof msg !== "string") msg = JSON.stringify(msg);
   } catch { msg = text.slice(0, 300); }
   const hint = res.status === 401 ? " Set the API key in Settings." : "";
   const detail = (msg || res.statusText || "no details").trim().replace(/\.$/, "");
-  return `Server error ${res.status}: ${detail}.${hint}`;
+  return Object.assign(new Error(`Server error ${res.status}: ${detail}.${hint}`), { status: res.status, code });
 }
 
 async function* streamChat(url, headers, body, signal) {
@@ -201,7 +230,7 @@ async function* streamChat(url, headers, body, signal) {
     if (err.name === "AbortError") throw err;
     throw new Error(`Cannot reach the server at ${new URL(url).origin}. Is \`chatsmith serve\` running?`);
   }
-  if (!res.ok) throw new Error(await errorMessage(res));
+  if (!res.ok) throw await apiError(res);
   const reader = res.body.getReader();
   const decoder = new TextDecoder();
   let buf = "";
@@ -226,7 +255,10 @@ async function* streamChat(url, headers, body, signal) {
       try { event = JSON.parse(data); } catch { continue; }
       if (event.error) throw new Error(`Server error: ${event.error.message ?? JSON.stringify(event.error)}`);
       const choice = event.choices?.[0];
-      if (choice) yield { content: choice.delta?.content ?? "", finish: choice.finish_reason ?? null };
+      if (choice) {
+        yield { content: choice.delta?.content ?? "", finish: choice.finish_reason ?? null,
+          toolCalls: Array.isArray(choice.delta?.tool_calls) ? choice.delta.tool_calls : [] };
+      }
     }
   }
 }
@@ -246,6 +278,8 @@ function main() {
     settings: { ...DEFAULTS, ...loadJSON(KEYS.settings, {}) },
     currentId: null, // null = a new chat, stored on its first message
     abort: null, // AbortController of the running generation
+    maxLen: 0, // the model's context (max_model_len from v1/models); 0 = unknown
+    tools: [], // tool definitions from v1/tools (empty when the server offers none)
   };
   const api = (path) => new URL(path, document.baseURI).href; // relative: works behind a path prefix too
 
@@ -349,6 +383,13 @@ function main() {
     const body = el("div", [], { class: "body" });
     if (m.role === "assistant") body.append(renderMarkdown(m.content));
     else body.textContent = m.content;
+    for (const c of m.tool_calls ?? []) {
+      body.append(el("div", [el("code", [`${c.function.name} ${c.function.arguments}`])], { class: "tool-call" }));
+    }
+    if (m.role === "tool") {
+      body.replaceChildren(el("span", [`${m.name || "tool"} → `], { class: "muted" }), el("code", [m.content]));
+      return el("div", [body], { class: "msg tool" });
+    }
     const isLast = index === conv.messages.length - 1;
     const copy = button("Copy", () => copyText(m.content, copy));
     const actions = el("div", [copy], { class: "actions" });
@@ -386,7 +427,7 @@ function main() {
 
   function regenerate(conv) {
     if (state.abort) return;
-    if (conv.messages.at(-1)?.role === "assistant") conv.messages.pop();
+    while (conv.messages.length && conv.messages.at(-1).role !== "user") conv.messages.pop(); // with its tool turns
     generate(conv);
   }
 
@@ -406,52 +447,130 @@ function main() {
   }
 
   // ---- generation
-  function requestBody(conv) {
+  function apiMessages(messages) { // what the API takes: no notes or display names
+    return messages.map((m) => ({
+      role: m.role, content: m.content,
+      ...(m.tool_calls ? { tool_calls: m.tool_calls } : {}), ...(m.tool_call_id ? { tool_call_id: m.tool_call_id } : {}),
+    }));
+  }
+
+  function requestBody(conv, skip) { // `skip`: oldest exchanges left out to fit the context
     const s = state.settings;
     const num = (v) => (v === "" || v == null || !Number.isFinite(Number(v)) ? undefined : Number(v));
-    const messages = conv.messages.map((m) => ({ role: m.role, content: m.content }));
-    if (s.system.trim()) messages.unshift({ role: "system", content: s.system });
+    const starts = exchangeStarts(conv.messages);
+    let messages = apiMessages(conv.messages.slice(starts[Math.min(skip, starts.length - 1)] ?? 0));
+    if (s.system.trim()) messages = [{ role: "system", content: s.system }, ...messages];
+    let maxTokens = num(s.max_tokens);
+    if (maxTokens !== undefined && state.maxLen) maxTokens = Math.max(1, Math.min(maxTokens, state.maxLen - 1));
     return {
-      model: s.model || undefined, messages, stream: true,
-      temperature: num(s.temperature), top_p: num(s.top_p), max_tokens: num(s.max_tokens),
+      model: s.model || undefined, messages, stream: true, tools: state.tools.length ? state.tools : undefined,
+      temperature: num(s.temperature), top_p: num(s.top_p), max_tokens: maxTokens,
     }; // JSON.stringify drops the undefined fields, so the server applies its defaults
+  }
+
+  async function promptTokens(body) { // the prompt's token count from the server's /tokenize, or null
+    try {
+      const res = await fetch(api("tokenize"), { method: "POST", headers: headers(),
+        body: JSON.stringify({ model: body.model, messages: body.messages }) });
+      const count = res.ok ? (await res.json()).count : null;
+      return Number.isInteger(count) ? count : null;
+    } catch { return null; }
+  }
+
+  async function fittingSkip(conv, skip) { // the fewest exchanges to leave out so a reply has room (chatsmith chat's rule)
+    const exchanges = exchangeStarts(conv.messages).length;
+    if (!state.maxLen) return skip;
+    const wanted = Number(state.settings.max_tokens) || REPLY_TOKENS;
+    const room = Math.min(wanted, Math.max(1, Math.floor(state.maxLen / 4)));
+    for (; skip < exchanges - 1; skip++) {
+      const count = await promptTokens(requestBody(conv, skip));
+      if (count === null || count + room <= state.maxLen) break;
+    }
+    return skip;
+  }
+
+  async function runTool(call) { // POST v1/tools/NAME -> the tool turn's text (an error is text too, for the model)
+    try {
+      const res = await fetch(api(`v1/tools/${encodeURIComponent(call.function.name)}`), {
+        method: "POST", headers: headers(), body: JSON.stringify({ arguments: call.function.arguments }) });
+      if (!res.ok) return `error: ${(await apiError(res)).message}`;
+      return String((await res.json()).content ?? "");
+    } catch { return "error: the server could not run the tool"; }
   }
 
   async function generate(conv) {
     ui.notice.hidden = true;
-    const body = requestBody(conv);
-    const reply = { role: "assistant", content: "" };
-    conv.messages.push(reply);
-    conv.updated = Date.now();
-    persist();
-    renderAll();
-    const view = ui.messages.lastElementChild;
-    view.classList.add("streaming");
-    const target = view.querySelector(".body");
-    let timer = null;
-    const paint = () => {
-      timer = null;
-      if (!view.isConnected) return; // the user switched conversations; the reply is still collected
-      const stick = ui.messages.scrollHeight - ui.messages.scrollTop - ui.messages.clientHeight < 80;
-      target.replaceChildren(renderMarkdown(reply.content));
-      if (stick) ui.messages.scrollTop = ui.messages.scrollHeight;
-    };
     const ctrl = new AbortController();
     ctrl.conv = conv;
     state.abort = ctrl;
     setBusy(true);
+    let skip = 0, calls = 0, reply = null, timer = null;
     try {
-      for await (const { content, finish } of streamChat(api("v1/chat/completions"), headers(), body, ctrl.signal)) {
-        reply.content += content;
-        if (finish === "length") reply.note = "Cut off at the max tokens limit (see Settings).";
-        timer ??= setTimeout(paint, 30);
+      for (;;) {
+        skip = await fittingSkip(conv, skip);
+        const body = requestBody(conv, skip);
+        reply = { role: "assistant", content: "" };
+        if (skip) reply.note = `The ${skip} oldest exchange${skip > 1 ? "s were" : " was"} left out to fit the ` +
+          `model's ${state.maxLen || "limited"}-token context.`;
+        conv.messages.push(reply);
+        conv.updated = Date.now();
+        persist();
+        renderAll();
+        const view = ui.messages.lastElementChild;
+        view.classList.add("streaming");
+        const target = view.querySelector(".body");
+        const paint = () => {
+          timer = null;
+          if (!view.isConnected) return; // the user switched conversations; the reply is still collected
+          const stick = ui.messages.scrollHeight - ui.messages.scrollTop - ui.messages.clientHeight < 80;
+          target.replaceChildren(renderMarkdown(reply.content));
+          if (stick) ui.messages.scrollTop = ui.messages.scrollHeight;
+        };
+        const toolCalls = [];
+        let finish = null;
+        try {
+          for await (const chunk of streamChat(api("v1/chat/completions"), headers(), body, ctrl.signal)) {
+            reply.content += chunk.content;
+            finish = chunk.finish ?? finish;
+            for (const part of chunk.toolCalls) { // OpenAI streams a call in pieces by index; chatsmith sends it whole
+              const c = (toolCalls[part.index ?? 0] ??= { id: "", type: "function", function: { name: "", arguments: "" } });
+              c.id = part.id ?? c.id;
+              c.function.name += part.function?.name ?? "";
+              c.function.arguments += part.function?.arguments ?? "";
+            }
+            if (finish === "length") reply.note = "Cut off at the max tokens limit (see Settings).";
+            timer ??= setTimeout(paint, 30);
+          }
+        } catch (err) {
+          const starts = exchangeStarts(conv.messages).length;
+          if (err.code === "context_length_exceeded" && !reply.content && skip < starts - 1) {
+            conv.messages.splice(conv.messages.indexOf(reply), 1);
+            skip++;
+            continue;
+          }
+          throw err;
+        } finally {
+          clearTimeout(timer);
+          timer = null;
+        }
+        if (finish !== "tool_calls" || !toolCalls.length) break;
+        reply.tool_calls = toolCalls.map(cleanCall);
+        if (calls >= MAX_TOOL_CALLS) {
+          reply.note = `Stopped: the reply asked for more than ${MAX_TOOL_CALLS} tool calls.`;
+          break;
+        }
+        for (const call of reply.tool_calls) {
+          calls++;
+          conv.messages.push({ role: "tool", tool_call_id: call.id, name: call.function.name,
+            content: await runTool(call) });
+        }
+        persist();
       }
     } catch (err) {
-      if (err.name === "AbortError") reply.note = "Stopped.";
-      else notify(err.message);
+      if (err.name === "AbortError") { if (reply) reply.note = "Stopped."; } else notify(err.message);
     } finally {
       clearTimeout(timer);
-      if (!reply.content) conv.messages.splice(conv.messages.indexOf(reply), 1); // nothing arrived: keep no bubble
+      if (reply && !reply.content && !reply.tool_calls) conv.messages.splice(conv.messages.indexOf(reply), 1);
       state.abort = null;
       setBusy(false);
       persist();
@@ -495,15 +614,29 @@ function main() {
       } catch {
         throw new Error(`Cannot reach the server at ${location.origin}. Is \`chatsmith serve\` running?`);
       }
-      if (!res.ok) throw new Error(await errorMessage(res));
-      const ids = ((await res.json()).data ?? []).map((m) => String(m.id));
+      if (!res.ok) throw await apiError(res);
+      const models = (await res.json()).data ?? [];
+      const ids = models.map((m) => String(m.id));
       select.replaceChildren(...ids.map((id) => el("option", [id], { value: id })));
       if (!ids.includes(state.settings.model)) state.settings.model = ids[0] ?? "";
       select.value = state.settings.model;
+      const card = models.find((m) => String(m.id) === state.settings.model) ?? {};
+      state.maxLen = Number.isInteger(card.max_model_len) && card.max_model_len > 1 ? card.max_model_len : 0;
+      const form = ui.form.elements;
+      form.max_tokens.placeholder = state.maxLen ? `auto (fits the ${state.maxLen}-token context)` : "server default";
+      for (const k of ["temperature", "top_p"]) {
+        const v = card.sampling_defaults?.[k];
+        form[k].placeholder = typeof v === "number" ? `${v} (server default)` : "server default";
+      }
       renderAll();
     } catch (err) {
       notify(`Could not list models. ${err.message}`);
     }
+    try { // optional: a server without v1/tools gets no tools
+      const res = await fetch(api("v1/tools"), { headers: headers() });
+      const data = res.ok ? (await res.json()).data : [];
+      state.tools = Array.isArray(data) ? data.filter((t) => t?.type === "function" && t.function?.name) : [];
+    } catch { state.tools = []; }
   }
 
   function saveSettings() {
