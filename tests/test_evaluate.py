@@ -74,6 +74,9 @@ def test_batched_loglikelihoods_equal_brute_force(model, tok):
         requests.append((ctx, cont))
     long_ctx = [tok.bos_id, *[rng.randrange(16, tok.vocab_size) for _ in range(90)]]  # past seq_len 64: cut left
     requests.append((long_ctx, [5, 77, 300]))
+    shared = [tok.bos_id, *tok.encode("Question: which of these is a planet? Answer:")]
+    requests += [(shared, [tok.encode(f" {x}")[0]]) for x in "ABC"]  # one-token continuations share a forward
+    requests.append((long_ctx, [9]))
     batched = scoring.loglikelihoods(model, requests, batch_tokens=96)
     for (ctx, cont), got in zip(requests, batched):
         assert got == pytest.approx(brute_force_ll(model, ctx, cont), abs=2e-4)

@@ -17,7 +17,8 @@ Choices (lm-evaluation-harness v0.4.12, lm_eval/api/task.py and lm_eval/api/mode
   length); the model is causal, so padding after a row's last token cannot change that row's scores, and padded
   targets are -1 (ignored). A row longer than the context window keeps its last seq_len + 1 tokens (the harness
   truncates on the left too). The log-likelihoods come from the model's own loss (`model(x, targets,
-  reduction="none")`), the same numbers training and bits per byte use.
+  reduction="none")`), the same numbers training and bits per byte use; one-token continuations of one context
+  (MMLU's letters) share one forward pass and are read off its log-softmax, as the harness caches them.
 """
 
 from __future__ import annotations
@@ -63,19 +64,28 @@ def loglikelihoods(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
     """sum_i log p(cont_i | ctx, cont_<i) in nats for each (ctx ids, cont ids); see the module docstring."""
     device = next(model.parameters()).device
     limit = model.config.seq_len + 1
-    rows = []
-    for ctx, cont in requests:
+    rows, single = [], {}
+    for k, (ctx, cont) in enumerate(requests):
         if not cont:
             raise ValueError("a continuation must hold at least one token")
         ids = [*ctx, *cont][-limit:]
-        rows.append((ids, min(len(cont), len(ids) - 1)))
-    out = [0.0] * len(rows)
-    for batch in _batches([len(ids) - 1 for ids, _ in rows], batch_tokens):
-        T = len(rows[batch[0]][0]) - 1
+        if len(cont) == 1:  # one-token continuations of one context share a forward pass (MMLU's " A" .. " D")
+            single.setdefault(tuple(ids[:-1]), []).append((k, ids[-1]))
+        else:
+            rows.append((k, ids, min(len(cont), len(ids) - 1)))
+    out = [0.0] * len(requests)
+    if single:
+        prompts = list(single)
+        logprobs = next_token_logits(model, prompts, None, batch_tokens, dtype, log_softmax=True)
+        for prompt, row in zip(prompts, logprobs):
+            for k, target in single[prompt]:
+                out[k] = row[target]
+    for batch in _batches([len(ids) - 1 for _, ids, _ in rows], batch_tokens):
+        T = len(rows[batch[0]][1]) - 1
         x = torch.zeros(len(batch), T, dtype=torch.long)
         y = torch.full((len(batch), T), -1, dtype=torch.long)
         for r, i in enumerate(batch):
-            ids, n = rows[i]
+            _, ids, n = rows[i]
             L = len(ids) - 1
             x[r, :L] = torch.tensor(ids[:-1])
             y[r, L - n:L] = torch.tensor(ids[-n:])  # targets of the continuation's positions only
@@ -84,17 +94,18 @@ def loglikelihoods(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
             nats = model(x, y, reduction="none").float()  # (B, T)
         sums = (nats * (y >= 0)).sum(1).tolist()
         for r, i in enumerate(batch):
-            out[i] = -sums[r]
+            out[rows[i][0]] = -sums[r]
     return out
 
 
 @torch.no_grad()
-def next_token_logits(model, prompts: Sequence[Sequence[int]], candidates: Sequence[int], batch_tokens: int = 8192,
-                      dtype=None) -> list[list[float]]:
-    """The logits of the `candidates` ids at the position after each prompt (prompts keep their last seq_len ids)."""
+def next_token_logits(model, prompts: Sequence[Sequence[int]], candidates: Sequence[int] | None,
+                      batch_tokens: int = 8192, dtype=None, log_softmax: bool = False) -> list[list[float]]:
+    """The logits (or with `log_softmax` the log-probabilities) of the `candidates` ids (None: every id) at the
+    position after each prompt; prompts keep their last seq_len ids."""
     device = next(model.parameters()).device
     rows = [list(p)[-model.config.seq_len:] for p in prompts]
-    cand = torch.tensor(list(candidates), device=device)
+    cand = None if candidates is None else torch.tensor(list(candidates), device=device)
     out: list[list[float]] = [[] for _ in rows]
     for batch in _batches([len(r) for r in rows], batch_tokens):
         T = len(rows[batch[0]])
@@ -104,7 +115,11 @@ def next_token_logits(model, prompts: Sequence[Sequence[int]], candidates: Seque
         last = torch.tensor([len(rows[i]) - 1 for i in batch], device=device)
         with _autocast(device.type, dtype):
             logits = model(x.to(device)).float()  # (B, T, V)
-        picked = logits[torch.arange(len(batch), device=device), last][:, cand]  # (B, len(candidates))
+        picked = logits[torch.arange(len(batch), device=device), last]  # (B, V)
+        if log_softmax:
+            picked = torch.log_softmax(picked, dim=-1)
+        if cand is not None:
+            picked = picked[:, cand]  # (B, len(candidates))
         for r, i in enumerate(batch):
             out[i] = picked[r].tolist()
     return out
