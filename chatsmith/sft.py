@@ -31,7 +31,7 @@ from .config import SFTStage
 from .data import chat
 from .model import GPT, ModelConfig
 from .tokenizer import Tokenizer
-from .train import Job, fit, prior_checkpoint, sample, setup
+from .train import Job, fit, prior_checkpoint, sample, schedule_of, setup
 
 SAMPLE_PROMPTS = ("Who are you?", "你是谁？", "What is 17 * 23?", "“画蛇添足”是什么意思？")
 
@@ -103,16 +103,15 @@ def main(cfg: SFTStage) -> dict:
     tok = Tokenizer.load(run / "tokenizer")
     mcfg, base = base_model(run, cfg.run.run)
     out = run / "chat"
-    ck = prior_checkpoint(out / "checkpoints", cfg.run.run, tc.resume, dataclasses.asdict(mcfg))
+    ck = prior_checkpoint(out / "checkpoints", cfg.run.run, tc.resume, dataclasses.asdict(mcfg),
+                          schedule_of(cfg.run, tc, cfg.sft_optim), tc.allow_schedule_change)
     device = setup(cfg, cfg.run, tc, "sft")
 
     t0 = time.perf_counter()
     train_rows = chat.render_rows(tok, chat.build_conversations(cfg.sft, "train", cfg.run.seed))
     val_rows = chat.render_rows(tok, chat.build_conversations(cfg.sft, "val", cfg.run.seed))
     fits = [r for r in val_rows if len(r[0]) <= mcfg.seq_len + 1]
-    if len(fits) < len(val_rows):
-        log(f"sft: {len(val_rows) - len(fits)} of {len(val_rows)} val conversations are longer than the context "
-            f"({mcfg.seq_len + 1} tokens); validation leaves them out")
+    val_dropped = len(val_rows) - len(fits)
     val_rows = fits
     log(f"sft: {len(train_rows)} train and {len(val_rows)} val conversations rendered in "
         f"{time.perf_counter() - t0:.1f}s")
@@ -123,6 +122,12 @@ def main(cfg: SFTStage) -> dict:
     dist = distributed.env()
     loader = chat.ChatLoader(train_rows, tc.device_batch, mcfg.seq_len, seed=cfg.run.seed, rank=dist.rank,
                              world_size=dist.world_size)
+    stats = {**loader.data_stats(), "val_conversations": len(val_rows) + val_dropped,
+             "val_longer_than_row": val_dropped}
+    if stats["longer_than_row"] or val_dropped:
+        log(f"sft: {stats['longer_than_row']:,} of {stats['conversations']:,} train and {val_dropped:,} of "
+            f"{stats['val_conversations']:,} val conversations are longer than a row of {stats['row_tokens']} tokens "
+            f"and are left out ({stats['dropped_tokens']:,} train tokens); lower --max-chars to cut them to fit")
     val_batches = max(1, tc.eval_tokens // (tc.device_batch * mcfg.seq_len))
     stop_ids = (tok.special_id("<|im_end|>"), tok.bos_id)
 
@@ -133,7 +138,7 @@ def main(cfg: SFTStage) -> dict:
     summary = fit(Job(
         name="sft", run=cfg.run, optim=cfg.sft_optim, train=tc, out=out,
         saved_config={**config.to_dict(cfg), "model": dataclasses.asdict(mcfg)},  # the shape, for chat and export
-        model=model, loader=loader, samples=samples, token_bytes=tok.token_bytes(), resume=ck,
+        model=model, loader=loader, samples=samples, token_bytes=tok.token_bytes(), resume=ck, data_stats=stats,
         val_batches=lambda: chat.iter_val_batches(val_rows, tc.device_batch, mcfg.seq_len, max_batches=val_batches)))
 
     checks_path = out / "chat_checks.json"

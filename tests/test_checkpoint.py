@@ -439,3 +439,20 @@ def test_model_config_comes_from_meta(tmp_path):
     checkpoint.save(tmp_path / "b", 1, {"w": torch.zeros(1)}, meta={"config": {}})
     with pytest.raises(checkpoint.CheckpointError, match="holds no config.model"):
         checkpoint.load_latest(tmp_path / "b").model_config()
+
+
+def test_keep_last_does_not_count_corrupt_checkpoints(tmp_path):
+    """After a fallback past a corrupt newer checkpoint, saving earlier steps must not let the corrupt one evict the
+    valid ones (the old pruning kept the corrupt 40 and 30 and deleted 20: one valid checkpoint left of two)."""
+    for s in (10, 20, 40):
+        checkpoint.save(tmp_path, s, {"w": torch.full((3,), float(s))}, keep_last=3)
+    flip_byte(tmp_path / "step_000040" / "model.safetensors")
+    assert checkpoint.load_latest(tmp_path).step == 20  # the fallback
+    checkpoint.save(tmp_path, 30, {"w": torch.full((3,), 30.0)}, keep_last=2)  # training on from step 20
+    assert steps(tmp_path) == [20, 30, 40]  # two valid ones kept; the corrupt one counted for nothing
+    assert checkpoint.load_latest(tmp_path).step == 30
+    checkpoint.save(tmp_path, 35, {"w": torch.full((3,), 35.0)}, keep_last=2)
+    assert steps(tmp_path) == [30, 35, 40]
+    checkpoint.save(tmp_path, 40, {"w": torch.full((3,), 40.0)}, keep_last=2)  # rewriting the corrupt step heals it
+    assert steps(tmp_path) == [35, 40]
+    assert torch.equal(checkpoint.load_latest(tmp_path).model["w"], torch.full((3,), 40.0))

@@ -372,3 +372,50 @@ def test_val_batches_are_a_deterministic_finite_pass(prepared):
     assert placed == sum(map(len, rows)) == sum(map(len, docs)) - loader.stats["cropped_tokens"]
     assert len(list(iter_val_batches(val_dir, 2, 32, 3 * 64 + 5))) == min(3, len(a))
     assert len(list(iter_val_batches(val_dir, 2, 32, 1))) == 1
+
+
+def test_long_documents_are_counted_and_keep_tails_packs_their_pieces(prepared):
+    home, _, _ = prepared
+    shard_dir = home / "runs" / "base" / "shards" / "train"
+    docs = encoded(home, "train")
+    width = 49
+    dropping = PackingLoader(shard_dir, batch_size=3, seq_len=48, buffer_docs=16, epochs=1, seed=7)
+    long = [d for d in docs if len(d) > width]
+    assert long, "the corpus has documents longer than a row"
+    assert dropping.data_stats() == {
+        "documents": len(docs), "tokens": sum(map(len, docs)), "row_tokens": width, "longer_than_row": len(long),
+        "tokens_beyond_row": sum(len(d) - width for d in long), "keep_tails": False, "items": len(docs)}
+    kept = PackingLoader(shard_dir, batch_size=3, seq_len=48, buffer_docs=16, epochs=1, seed=7, keep_tails=True)
+    pieces = [d[i : i + width] for d in docs for i in range(0, len(d), width)]  # only the first starts with BOS
+    assert kept.data_stats()["items"] == len(pieces) and kept.data_stats()["keep_tails"]
+    rows = rows_of(kept)
+    order = np.random.default_rng([7, 0]).permutation(len(pieces)).tolist()
+    assert rows == brute_force_rows(pieces, order, width, 16)  # pieces packed like documents
+    dropped_rows = rows_of(dropping)
+    assert kept.stats["cropped_tokens"] < dropping.stats["cropped_tokens"]
+    assert sum(map(len, rows)) == kept.stats["tokens"] > sum(map(len, dropped_rows))
+    state = json.loads(json.dumps(kept.state_dict()))
+    with pytest.raises(UserError, match="another corpus or process layout"):
+        dropping.load_state_dict(state)  # a resume cannot switch --keep-tails silently
+
+
+def test_shard_workers_are_not_forked_after_threads(prepared, tmp_path, monkeypatch):
+    """The pool starts its workers with forkserver (fork after the tokenizers library's threads can deadlock), and
+    they write the same shards."""
+    home, _, _ = prepared
+    real = shards.multiprocessing.get_context
+    methods = []
+
+    def get_context(method=None):
+        methods.append(method)
+        return real(method)
+
+    monkeypatch.setattr(shards.multiprocessing, "get_context", get_context)
+    run = home / "runs" / "base"
+    index = json.loads((run / "shards" / "train" / "index.json").read_text())
+    out = tmp_path / "shards"
+    records = shards.tokenize_split(run / "documents" / "train.jsonl", out, run / "tokenizer" / "tokenizer.json",
+                                    stage("base", Path("unused")).shards.shard_docs, 2,
+                                    shards.shard_dtype(index["vocab_size"]))
+    assert methods == ["forkserver"]
+    assert [r["sha256"] for r in records] == [r["sha256"] for r in index["shards"]]

@@ -165,3 +165,114 @@ def test_evaluate_bpb_matches_brute_force(prepared):  # train.evaluate's bits pe
                         nats -= float(logp[b, t, target])
                         nbytes += int(tb[target])
     assert got == pytest.approx(nats / (math.log(2) * nbytes), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# gradient accumulation, resume with other flags, seed, data statistics
+
+
+def tiny_model(seed=0):
+    from chatsmith.model import GPT, ModelConfig
+
+    torch.manual_seed(seed)
+    return GPT.build(ModelConfig(depth=1, aspect=32, head_dim=16, vocab_size=64, seq_len=16).resolve())
+
+
+def masked_batches(seed=0):
+    """Micro-batches with very different numbers of trained-on targets (-1 elsewhere), as SFT rows have."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for b, keep in ((2, 0.05), (3, 1.0), (2, 0.5)):
+        x = torch.randint(0, 64, (b, 16), generator=g)
+        y = torch.randint(0, 64, (b, 16), generator=g)
+        y[torch.rand(b, 16, generator=g) > keep] = -1
+        y[0, 0] = int(x[0, 1])  # at least one target in every micro-batch
+        out.append((x, y))
+    return out
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_accumulated_gradient_equals_one_large_batch():
+    batches = masked_batches()
+    counts = [int((y >= 0).sum()) for _, y in batches]
+    assert max(counts) > 10 * min(counts)
+    model = tiny_model()
+    loss_sum, n = train.accumulate(model, batches, "cpu", None)
+    got = grads(model)
+    big = tiny_model()
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    loss = big(x, y)  # the mean over every trained-on target of the step
+    loss.backward()
+    loss = loss.detach()
+    want = grads(big)
+    assert n == sum(counts) and loss_sum / n == pytest.approx(loss.item(), rel=1e-5)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+    old = tiny_model()  # the old rule, the mean of the micro-batch means, weighs the 2-target batch like the others
+    for xb, yb in batches:
+        (old(xb, yb) / len(batches)).backward()
+    assert not all(torch.allclose(g, want[k], rtol=1e-3, atol=1e-5) for k, g in grads(old).items())
+
+
+def run_main(*argv):
+    """chatsmith.__main__.main in-process: (exit code, stderr lines)."""
+    import contextlib
+    import io
+
+    from chatsmith.__main__ import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(list(argv))
+    return rc, [line for line in err.getvalue().splitlines() if line.strip()]
+
+
+def test_resume_refuses_another_schedule_unless_allowed(prepared, monkeypatch):
+    monkeypatch.setenv("CHATSMITH_HOME", str(prepared))
+    run = clone_run(prepared, "sched")
+    base = ["pretrain", "--preset", "smoke", "--run", "sched", "--steps", "4", "--ckpt-every", "2", "--eval-every",
+            "0", "--threads", "1"]
+    assert run_main(*base)[0] == 0  # a finished run of 4 steps
+    for flag, value, was in (("--steps", "6", "--steps 4"), ("--warmdown-frac", "0.5", "--warmdown-frac 0.2"),
+                             ("--batch-tokens", "1024", "--batch-tokens 0"), ("--seed", "7", "--seed 1337"),
+                             ("--keep-tails", None, "--keep-tails off")):
+        rc, err = run_main(*base, "--resume", flag, *([value] if value else []))
+        assert rc == 2 and len(err) == 1, err
+        assert f"trained to step 4 with {was}, not {flag}" in err[0] and "--allow-schedule-change" in err[0], err
+    assert [s for s, _ in losses(run)] == [1, 2, 3, 4]  # nothing trained
+    assert run_main(*base, "--resume")[0] == 0  # the same flags: finished, nothing to do
+    assert [s for s, _ in losses(run)] == [1, 2, 3, 4]
+    rc, err = run_main(*base, "--resume", "--steps", "6", "--allow-schedule-change")
+    assert rc == 0 and any("warning: resuming run 'sched' at step 4 with --steps 6" in line for line in err), err
+    assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_seed_orders_the_data_and_long_documents_are_counted(prepared, monkeypatch):
+    import numpy as np
+
+    monkeypatch.setenv("CHATSMITH_HOME", str(prepared))
+    run = clone_run(prepared, "seeded")
+    cfg = config.parse(config.PretrainStage, ["--preset", "smoke", "--run", "seeded", "--steps", "1", "--seed", "5",
+                                              "--seq-len", "64", "--eval-every", "0", "--threads", "1"])
+    train.main(cfg)
+    ck = checkpoint.load_latest(run / "checkpoints")
+    assert ck.state["loader"]["seed"] == 5  # the data order follows --seed (it was always 0)
+    assert ck.meta["schedule"]["seed"] == 5
+    index = json.loads((run / "shards" / "train" / "index.json").read_text())
+    lengths = np.concatenate([np.diff(np.load(run / "shards" / "train" / f"{s['name']}.idx"))
+                              for s in index["shards"]])
+    width = cfg.model.seq_len + 1
+    want = {"documents": len(lengths), "tokens": int(lengths.sum()), "row_tokens": width,
+            "longer_than_row": int((lengths > width).sum()),
+            "tokens_beyond_row": int(np.maximum(lengths - width, 0).sum()), "keep_tails": False,
+            "items": len(lengths)}
+    assert want["longer_than_row"] > 0
+    stats = json.loads((run / "data_stats.json").read_text())["pretrain"]
+    assert {k: stats[k] for k in want} == want
+    assert stats["loader"]["cropped_tokens"] >= 0 and stats["loader"]["docs"] > 0
+    records = train.read_metrics(run, "data")
+    assert len(records) == 1 and {k: records[0][k] for k in want} == want

@@ -19,17 +19,20 @@
    same plan keeps every shard whose commit record matches its files (size and sha256) and redoes the rest, so a
    prepare killed at any point (even SIGKILL) and rerun gives byte-identical shards (tested). Temp names never look
    like shards and are deleted on the next run. One prepare per run at a time.
-   Workers turn off the tokenizers library's own threads (TOKENIZERS_PARALLELISM=false): one process per core.
-   Measured (`bench data`, 2-core EPYC, 19.8 MB of ShareGPT text, byte-level BPE at vocab 32768, one run): 1 worker
-   1.38 MB/s, 2 workers 2.61 MB/s (x1.89), one process on the library's own threads 2.85 MB/s (x2.06). The pool
-   costs little here and also spreads the Python parts (JSON, flattening, sha256) over the cores.
+   Workers turn off the tokenizers library's own threads (TOKENIZERS_PARALLELISM=false): one process per core; the
+   pool also spreads the Python parts (JSON, flattening, sha256) over the cores (`chatsmith bench data` measures it
+   against one worker and against the library's own threads). Workers are started by forkserver (spawn off Linux),
+   never by fork: the parent has already started threads (the tokenizers library's, gloo's under torchrun), and a
+   fork copies their locks in whatever state they are in, the classic fork-after-threads deadlock.
 
 The loader, `PackingLoader`, packs rows of T+1 tokens (inputs = row[:-1], targets = row[1:]) nanochat style: every
 row starts at a document boundary (BOS), and is filled by best fit from a buffer of `buffer_docs` documents (the
 largest document that fits the space left). When none fits, the *shortest* buffered document is cropped to fill the
 row exactly: every buffered document is then longer than the space, so the shortest one drops the fewest tokens
 (cropped tokens are dropped, never carried over, and counted in `loader.stats`). Documents longer than T+1 are cropped
-the same way. Order: a seeded permutation of all documents per epoch (documents.jsonl lists the sources one after
+the same way, their tails dropped and counted (`data_stats()`: documents longer than a row, tokens beyond it), unless
+`keep_tails`: then a long document is cut into pieces of T+1 tokens, each packed as an item of its own (only the first
+starts with BOS). Order: a seeded permutation of all documents per epoch (documents.jsonl lists the sources one after
 another, so reading it in order would train on one source at a time); rank r of world_size takes positions r,
 r + world_size, ... of each epoch's permutation, so ranks are disjoint within an epoch. The state is
 "position of the next document + the buffered documents as positions": a few KB of JSON, and restoring it gives
@@ -213,19 +216,9 @@ def _load_tokenizer(path: str):
     return Tokenizer.load(path)
 
 
-@contextlib.contextmanager
-def _env(**values: str):
-    """Set environment variables for the duration of the block (here: so that forked workers inherit them)."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def pool_start_method() -> str:
+    """forkserver on Linux, spawn elsewhere: never fork a process that runs threads (see the module docstring)."""
+    return "forkserver" if sys.platform == "linux" else "spawn"
 
 
 def _init_worker() -> None:
@@ -310,10 +303,9 @@ def tokenize_split(jsonl: Path, out_dir: Path, tokenizer: Path, shard_docs: int,
 
     with bar:
         if todo and pool and workers > 0:
-            ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+            ctx = multiprocessing.get_context(pool_start_method())
             by_name = {t.name: t for t in todo}
-            with _env(TOKENIZERS_PARALLELISM="false"), ctx.Pool(min(workers, len(todo)),
-                                                                initializer=_init_worker) as p:
+            with ctx.Pool(min(workers, len(todo)), initializer=_init_worker) as p:
                 for rec in p.imap_unordered(tokenize_shard, todo):
                     done(rec, by_name[rec["name"]])
         else:
@@ -481,26 +473,53 @@ class PackingLoader(StreamPacker):
     _mismatch = "resume with the same shards and number of processes"
 
     def __init__(self, shard_dir: Path, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
-                 buffer_docs: int = 1000, epochs: int | None = None, seed: int = 0, shuffle: bool = True):
+                 buffer_docs: int = 1000, epochs: int | None = None, seed: int = 0, shuffle: bool = True,
+                 keep_tails: bool = False):
         self.reader = ShardReader(shard_dir)
         self.batch_size, self.seq_len, self.buffer_docs = batch_size, seq_len, max(1, buffer_docs)
         self.n_docs = len(self.reader)
-        self._init_stream(self.n_docs, rank, world_size, seed, shuffle, epochs,
+        self.keep_tails = keep_tails
+        width, lengths = seq_len + 1, self.reader.length
+        if keep_tails:  # items are pieces of at most one row: document, first token, tokens
+            pieces = np.maximum(1, -(-lengths // width))  # (N,) pieces of each document
+            self._piece_doc = np.repeat(np.arange(self.n_docs), pieces)  # (P,)
+            first = np.repeat(np.cumsum(pieces) - pieces, pieces)  # (P,) index of its document's first piece
+            self._piece_start = (np.arange(len(self._piece_doc)) - first) * width  # (P,)
+            self._piece_len = np.minimum(width, lengths[self._piece_doc] - self._piece_start)  # (P,)
+        else:  # items are whole documents
+            self._piece_doc, self._piece_start, self._piece_len = None, None, lengths
+        self.n_items = len(self._piece_len)
+        self._init_stream(self.n_items, rank, world_size, seed, shuffle, epochs,
                           f"{shard_dir} has {self.n_docs} documents")
-        self._lengths = np.zeros(0, dtype=np.int64)  # lengths of the buffered documents, aligned with _buffer
+        self._lengths = np.zeros(0, dtype=np.int64)  # lengths of the buffered items, aligned with _buffer
         self._counts = {"docs": 0, "tokens": 0, "cropped_tokens": 0}
+
+    def data_stats(self) -> dict:
+        """The split against the row width T+1: documents and tokens, how many documents are longer than a row and
+        their tokens beyond it (dropped unless `keep_tails`; `stats` counts what the packing actually cropped)."""
+        width, lengths = self.seq_len + 1, self.reader.length
+        long = lengths > width
+        return {"documents": self.n_docs, "tokens": int(lengths.sum()), "row_tokens": width,
+                "longer_than_row": int(long.sum()), "tokens_beyond_row": int((lengths[long] - width).sum()),
+                "keep_tails": self.keep_tails, "items": self.n_items}
 
     # -- document stream --------------------------------------------------------------------------------------------
 
     def _doc_id(self, k: int) -> int:
-        """The document (index into the reader) at position k of this rank's stream."""
+        """The item (a document, or a piece of one with `keep_tails`) at position k of this rank's stream."""
         return self.stream.item(k)
+
+    def _item_tokens(self, item: int) -> np.ndarray:
+        if self._piece_doc is None:
+            return self.reader.doc(item)
+        start = int(self._piece_start[item])
+        return self.reader.doc(int(self._piece_doc[item]))[start : start + int(self._piece_len[item])]
 
     def _refill(self) -> None:
         new = self._take(self.buffer_docs)
         if new:
             self._buffer += new
-            self._lengths = np.concatenate([self._lengths, self.reader.length[[self._doc_id(k) for k in new]]])
+            self._lengths = np.concatenate([self._lengths, self._piece_len[[self._doc_id(k) for k in new]]])
 
     def _fill_row(self, row: np.ndarray) -> int:
         """Pack documents into `row` from its start; returns the tokens written (< len(row) only at the end)."""
@@ -518,7 +537,7 @@ class PackingLoader(StreamPacker):
                 i = int(np.argmin(self._lengths))
                 take = space
                 self._counts["cropped_tokens"] += int(self._lengths[i]) - space
-            row[pos : pos + take] = self.reader.doc(self._doc_id(self._buffer[i]))[:take]
+            row[pos : pos + take] = self._item_tokens(self._doc_id(self._buffer[i]))[:take]
             pos += take
             self._counts["docs"] += 1
             self._counts["tokens"] += take
@@ -543,16 +562,17 @@ class PackingLoader(StreamPacker):
 
     @property
     def stats(self) -> dict:
-        """Documents and tokens placed in rows so far, tokens cropped away, and completed epochs (of documents)."""
+        """Items (documents, or pieces with `keep_tails`) and tokens placed in rows so far, tokens cropped away, and
+        completed epochs."""
         return {**self._counts, "epoch": self._counts["docs"] // self.n_rank}
 
     def _layout(self) -> dict:
         return {"n_docs": self.n_docs, "rank": self.rank, "world_size": self.world_size, "seed": self.seed,
-                "shuffle": self.shuffle}
+                "shuffle": self.shuffle, "keep_tails": self.keep_tails}
 
     def load_state_dict(self, d: dict) -> None:
-        super().load_state_dict(d)
-        self._lengths = np.array([self.reader.length[self._doc_id(k)] for k in self._buffer], dtype=np.int64)
+        super().load_state_dict({"keep_tails": False, **d})  # states saved before keep_tails existed
+        self._lengths = np.array([self._piece_len[self._doc_id(k)] for k in self._buffer], dtype=np.int64)
 
 
 def iter_val_batches(shard_dir: Path, batch_size: int, seq_len: int, max_tokens: int) -> Iterator:
