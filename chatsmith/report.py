@@ -122,17 +122,18 @@ def _latest_meta(root: Path) -> dict | None:
 
 
 def eval_results(run: Path) -> dict[str, dict]:
-    """The newest evaluation result per stage ("base", "chat"): `eval/<stage>_stepNNNNNN.json` with the highest
-    step (the file evaluate.py writes; see its schema)."""
+    """The newest evaluation result per stage ("base", "chat"), as evaluate.load_results reads them: the one with the
+    highest step, the newest of those."""
+    from . import evaluate
+
     best: dict[str, dict] = {}
-    for path in sorted((run / "eval").glob("*_step*.json")):
-        res = _read(path)
-        if not isinstance(res, dict) or res.get("stage") not in ("base", "chat") or not isinstance(res.get("tasks"),
-                                                                                                  dict):
+    for res in evaluate.load_results(run):  # oldest first
+        stage = res.get("stage")
+        if stage not in evaluate.STAGES or not isinstance(res.get("tasks"), dict):
             continue
-        old = best.get(res["stage"])
-        if old is None or (res.get("step", 0), res.get("created", "")) >= (old.get("step", 0), old.get("created", "")):
-            best[res["stage"]] = {**res, "file": str(path.relative_to(run))}
+        if stage not in best or res.get("step", 0) >= best[stage].get("step", 0):
+            path = evaluate.result_path(run, stage, res.get("step", 0))
+            best[stage] = {**res, "file": str(path.relative_to(run))}
     return best
 
 
@@ -452,6 +453,8 @@ def _sft_lines(run: Path, saved: dict, speedrun: dict | None) -> list[str]:
 def _eval_lines(results: dict[str, dict]) -> list[str]:
     if not results:
         return ["No evaluation results yet (`eval/*.json`); run `chatsmith eval --stage base` and `--stage chat`.", ""]
+    from .evaluate import markdown_table  # the one writer of an eval table (the model card uses it too)
+
     lines = []
     for stage in ("base", "chat"):
         res = results.get(stage)
@@ -459,15 +462,11 @@ def _eval_lines(results: dict[str, dict]) -> list[str]:
             lines += [f"No {stage} model evaluation yet (`chatsmith eval --stage {stage}`).", ""]
             continue
         tasks = res["tasks"]
-        ckpt = Path(str(res.get("checkpoint", "?"))).name
-        lines += [f"### {stage} model ({ckpt}, {res.get('fewshot', 0)}-shot, limit "
-                  f"{res.get('limit')}, {_f(res.get('seconds'), 1)} s; `{res['file']}`)", ""]
-        rows = [[t, r["metric"], r["n"], _f(r["score"]), f"[{_f(r['ci95'][0])}, {_f(r['ci95'][1])}]",
-                 _f(r["chance"]), _f(r["centered"]),
-                 "yes" if r["ci95"][0] > r["chance"] else "no"] for t, r in tasks.items()]
+        above = [t for t, r in tasks.items() if r["ci95"][0] > r["chance"]]
         mean = res.get("core") if stage == "base" else res.get("chatcore")
-        lines += _table(["task", "metric", "n", "score", "95 % interval", "chance", "centred", "above chance"], rows)
-        lines += [f"{'CORE' if stage == 'base' else 'ChatCORE'}-like mean of centred scores: {_f(mean)}", ""]
+        lines += [f"### {stage} model (`{res['file']}`)", "", markdown_table(res),
+                  f"Above chance (the 95 % interval's lower end above chance): {', '.join(above) or 'none'}; "
+                  f"{'CORE' if stage == 'base' else 'ChatCORE'}-like mean of centred scores {_f(mean)}.", ""]
         lines += _reference_lines(stage, tasks)
     return lines
 

@@ -13,7 +13,7 @@ import pytest
 from test_tokenizer import EN, ZH, stage_flags, write_jsonl
 
 from chatsmith import __main__ as cli
-from chatsmith import config, report
+from chatsmith import config, evaluate, report
 from chatsmith import tokenizer as tkz
 from chatsmith import tokenizer_eval as tev
 from chatsmith.model import GPT
@@ -147,15 +147,17 @@ def test_report_holds_the_files_numbers(fixture_run):
     assert f"{sval['val_loss']:.4f} nats per token, {sval['val_bpb']:.4f} bits per byte" in text
     assert "7 of 8 replies end with <|im_end|> (0.875)" in text and "3 of 4 Chinese prompts" in text
 
-    # evaluation: the newest step per stage, every number of the file, above-chance from the interval
-    assert "base_step000010.json" in text and "base_step000005.json" not in text
+    # evaluation: the newest step per stage, its table as evaluate.py writes it, the file's numbers, above chance
+    # where the interval's lower end is (arc_easy: 0.325 > 0.25; piqa: 0.425 < 0.5)
+    assert "eval/base_step000010.json" in text and "base_step000005.json" not in text
     res = json.loads((run / "eval" / "base_step000010.json").read_text())
+    assert evaluate.markdown_table(res) in text
     for name, t in res["tasks"].items():
-        above = "yes" if t["ci95"][0] > t["chance"] else "no"
-        assert (f"| {name} | acc_norm | 40 | {t['score']:.4f} | [{t['ci95'][0]:.4f}, {t['ci95'][1]:.4f}] | "
-                f"{t['chance']:.4f} | {t['centered']:.4f} | {above} |") in text
-    assert "CORE-like mean of centred scores: 0.1234" in text
-    assert "ChatCORE-like mean of centred scores: -0.0125" in text
+        assert (f"| {name} | 40 | acc_norm | {100 * t['score']:.1f} | {100 * t['ci95'][0]:.1f}–"
+                f"{100 * t['ci95'][1]:.1f} | {100 * t['chance']:.1f} | {100 * t['centered']:.1f} |") in text
+    assert "lower end above chance): arc_easy; CORE-like mean of centred scores 0.1234." in text
+    assert "lower end above chance): none; ChatCORE-like mean of centred scores -0.0125." in text
+    assert f"| this run | see above | {17 / 40:.4f} | {21 / 40:.4f} | above |" in text
     # reference rows: Pythia-70M's published acc_norm sits under arc_easy and piqa, nanochat's acc under mmlu
     assert "| Pythia-70M (v1.1, step 143000) | 0-shot, lm-evaluation-harness (2023) | 0.3502 | 0.5914 |" in text
     assert "| nanochat d20 (SFT, 561M) | chat format, answer letter / generation | 0.0455 | 0.3151 |" in text
