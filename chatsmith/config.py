@@ -215,7 +215,7 @@ class SpeedrunStage:
 
 
 def preset_smoke() -> dict[str, dict[str, Any]]:
-    """Seconds on 2 cores: tiny corpus, tiny vocabulary, tiny model. For tests."""
+    """Tiny corpus, tiny vocabulary, tiny model: for tests."""
     return {
         "data": {"max_docs": 300},
         "tokenizer": {"vocab_size": 1024, "train_chars": 2_000_000},
@@ -230,7 +230,7 @@ def preset_smoke() -> dict[str, dict[str, Any]]:
 
 
 def preset_cpu() -> dict[str, dict[str, Any]]:
-    """The CPU speedrun: minutes on 2 cores.
+    """The CPU speedrun: the cpu-sized pipeline end to end (README's measured table has its time).
 
     Vocabulary 8192, not the default 32768: at width 256 the output head is most of the model's FLOPs (8192 x 256 =
     2.1M head weights beside 3.4M in the blocks; 32768 would make it 8.4M, and a step ~1.9x as long): the model is

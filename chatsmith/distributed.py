@@ -10,7 +10,9 @@ function here is a no-op, so train.py has one code path. What data parallelism m
 - each rank builds the same model from the same seed, and DDP broadcasts rank 0's weights once at wrap time;
 - each rank reads its own share of the data (the loaders take rank and world_size: disjoint within an epoch);
 - gradients are averaged across ranks after the last micro-batch of a step (`no_sync` skips the others), so every rank
-  takes the same optimizer step and the weights stay identical without being sent again;
+  takes the same optimizer step and the weights stay identical without being sent again; train.accumulate scales
+  each rank's summed loss by world_size / (the step's targets on all ranks), so that average is the gradient of one
+  large batch however unevenly the trained-on targets fall on the ranks;
 - a step's logged loss and the validation sums are all-reduced; rank 0 alone writes checkpoints, metrics and logs
   (common.log, checkpoint.save). A checkpoint holds every rank's loader and RNG state, so a run resumes exactly when
   restarted with the same number of processes.
@@ -19,9 +21,8 @@ function here is a no-op, so train.py has one code path. What data parallelism m
 The optimizer is replicated (each rank runs the whole Muon + AdamW step): at the sizes this trains on CPU, sharding
 it (ZeRO) would save little memory and cost a collective per parameter group.
 
-On the 2-core CPU, two processes of one thread each train the cpu preset at 4,763 / 4,694 tok/s against 4,721 /
-4,595 for one process of two threads (median tok/s of steps 6-40, two interleaved pairs of runs, 8 sequences per
-rank): the same, since MKL already keeps both cores busy. Here torchrun is for GPUs and for machines with many cores.
+On a small CPU, one process already keeps every core busy (MKL's threads), so torchrun pays off on GPUs and on
+machines with many cores; `chatsmith bench train` measures tokens/s on the machine at hand.
 """
 
 from __future__ import annotations

@@ -19,10 +19,9 @@ embeddings the one shared matrix takes `head_lr` (the head is the sensitive use)
 step: `lr_multiplier` (linear warmup, constant, linear warmdown to `final_lr_frac`) and `muon_momentum`
 (0.85 -> 0.95 over the first 300 steps).
 
-Speed (bench-ref, 2 cores, fp32): Newton-Schulz runs batched over same-shape matrices with bmm/baddbmm
-(16 square 256x256: 92 -> 83 ms; 12 of 256x768: 168 -> 137 ms per step vs a per-matrix loop); AdamW is
-torch's fused (or foreach) kernel through the functional `torch.optim.adamw.adamw`, so it equals torch.optim.AdamW
-bit for bit.
+Speed: Newton-Schulz runs batched over same-shape matrices with bmm/baddbmm (one call per shape group instead of a
+per-matrix loop; faster on bench-ref, see `chatsmith bench train`); AdamW is torch's fused (or foreach) kernel
+through the functional `torch.optim.adamw.adamw`, so it equals torch.optim.AdamW bit for bit.
 """
 
 from __future__ import annotations
@@ -87,7 +86,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
     For clearly wide matrices in fp32 (cols > 1.5 rows) it runs in Gram form: every X_k is Q_k X_0 where Q_k is a
     polynomial of A_0 = X_0 X_0^T, so the steps can iterate on rows x rows matrices only (A_k, P_k = aI + bA_k + cA_k^2,
     Q_k = P_k Q_{k-1}, A_{k+1} = P_k^2 A_k) and X_0 is touched twice. Same result up to rounding (1e-5 here), 34 %
-    fewer FLOPs for 256 x 768: 12 such matrices 108 -> 82 ms on 2 cores. Not in bf16, where squaring A costs accuracy.
+    fewer FLOPs for 256 x 768. Not in bf16, where squaring A costs accuracy.
     """
     a, b, c = NS_COEFFS
     tall = G.size(-2) > G.size(-1)

@@ -12,7 +12,19 @@ token budget. Every `ckpt_every` steps and at the end: an atomic checkpoint hold
 position and loop state, so that a run killed at any moment and resumed reproduces the per-step losses of an
 uninterrupted run exactly (tested with SIGKILL in tests/test_train.py), and sample generations. Ctrl-C or SIGTERM
 saves a checkpoint at the last finished step before exiting. Metrics go to `metrics.jsonl` (one JSON object per
-line, `kind` = precision|train|val|sample).
+line, `kind` = precision|data|train|val|sample).
+
+Notable choices:
+- The gradient of a step is that of one large batch: the mean loss over every trained-on target of all its
+  micro-batches on all ranks (`accumulate`). A mean of per-micro-batch means would let an SFT row with 20 assistant
+  tokens weigh as much as one with 2,000.
+- `--resume` continues only the run that was interrupted: the checkpoint's meta.json holds what fixes the schedule
+  and the data order (`schedule_of`: steps, batch, seed, optimizer flags), and another value is refused with one
+  sentence unless `--allow-schedule-change` (e.g. `--steps 520` on a finished 500-step run).
+- What the context costs the data is counted, not hidden: documents longer than a row (their tails are dropped, or
+  kept as row-sized pieces with `--keep-tails`) and SFT conversations that do not fit go to the log, to
+  metrics.jsonl (`kind` data) and to `<run>/data_stats.json` ({"pretrain": ..., "sft": ...}, with the loader's
+  cropped-token count updated at every checkpoint).
 """
 
 from __future__ import annotations

@@ -99,6 +99,9 @@ def test_packing_whole_conversations_and_exact_targets(rows):
     assert loader.stats["tokens"] == sum(len(rows[i][0]) for i in kept)
     assert loader.stats["loss_tokens"] == sum(sum(rows[i][1]) for i in kept)
     assert any(len(rows[i][0]) == T + 1 for i in placed)  # the exact fit is kept
+    assert loader.data_stats() == {  # what SFT logs and writes to the run's data_stats.json
+        "conversations": len(rows), "tokens": sum(len(ids) for ids, _ in rows), "row_tokens": T + 1,
+        "longer_than_row": too_long, "dropped_tokens": sum(len(ids) for ids, _ in rows if len(ids) > T + 1)}
     batches = list(ChatLoader(rows, 3, T, seed=0, epochs=1))
     n_rows = sum(int((x[b] == 0).sum() > 0) for x, _ in batches for b in range(len(x)))
     assert len(kept) > n_rows  # rows hold several conversations

@@ -184,3 +184,46 @@ def test_speedrun_under_torchrun(tmp_path):
     chat = subprocess.run([sys.executable, "-m", "chatsmith", "chat", "--run", "ddp_sr", "-p", "Hi",
                            "--max-tokens", "4"], env=env, capture_output=True, text=True, timeout=120)
     assert chat.returncode == 0, chat.stderr[-2000:]
+
+
+DDP_GRADS = '''
+import sys
+
+import torch
+from test_train import masked_batches, tiny_model
+
+from chatsmith import distributed, train
+
+d = distributed.init("cpu")
+model = tiny_model()
+batches = masked_batches(0) + masked_batches(1)[:1]
+loss_sum, n = train.accumulate(distributed.wrap(model, d), batches[d.rank :: 2], "cpu", None, d)
+if d.rank == 0:
+    torch.save({"n": n, **{k: p.grad for k, p in model.named_parameters()}}, sys.argv[1])
+distributed.shutdown()
+'''
+
+
+def test_ddp_gradient_equals_one_large_batch(tmp_path):
+    """Two ranks with very different numbers of trained-on targets, two micro-batches each: the gradient is that of
+    the mean loss over all four micro-batches as one batch (not a mean of per-rank or per-micro-batch means)."""
+    from test_train import grads, masked_batches, tiny_model
+
+    script = tmp_path / "ddp_grads.py"
+    script.write_text(DDP_GRADS)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(tmp_path / "grads.pt")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = torch.load(tmp_path / "grads.pt", weights_only=True)
+    batches = masked_batches(0) + masked_batches(1)[:1]
+    per_rank = [sum(int((y >= 0).sum()) for _, y in batches[r::2]) for r in range(2)]
+    assert max(per_rank) > 2 * min(per_rank)
+    big = tiny_model()
+    big(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])).backward()
+    assert got.pop("n") == sum(per_rank)
+    want = grads(big)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
