@@ -154,7 +154,7 @@ def test_custom_reward_and_its_errors(tmp_path, monkeypatch):
 # the stage
 
 
-TOY = ("--task", "seven", "--prompts", "4", "--group", "16", "--max-tokens", "8", "--eval-prompts", "0",
+TOY = ("--task", "seven", "--prompts", "4", "--group", "8", "--max-tokens", "8", "--eval-prompts", "0",
        "--no-tools", "--matrix-lr", "0.05", "--head-lr", "0.05", "--embed-lr", "0.1", "--warmdown-frac", "0")
 
 
@@ -166,13 +166,14 @@ def train_records(name: str = "toy") -> list[dict]:
 
 def test_rl_raises_the_reward_of_a_weak_policy_on_a_toy_task(tok):
     make_run(tok)
-    rl.main(stage(*TOY, "--steps", "8"))
+    rl.main(stage(*TOY, "--steps", "6"))
     rewards = [r["reward"] for r in train_records()]
     assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.2, rewards
 
 
 def test_kill_and_resume_reproduce_the_uninterrupted_run(tok, monkeypatch):
-    flags = (*TOY, "--steps", "4", "--slots", "1", "--ckpt-every", "1", "--iterations", "2")
+    flags = (*TOY, "--steps", "4", "--prompts", "2", "--group", "4", "--max-tokens", "4", "--slots", "1",
+             "--ckpt-every", "1", "--iterations", "2")
     make_run(tok, "toy")
     rl.main(stage(*flags))
     uninterrupted = train_records()
