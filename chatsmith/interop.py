@@ -23,9 +23,10 @@ Notable choices:
   scaling, other activations) in one sentence naming what, builds the model on the meta device, allocates it once
   and copies each tensor in from `safe_open` (memory-mapped, one tensor at a time): never two full copies. Weights
   become fp32 (chatsmith's master precision). The run gets the source's tokenizer.json (tokenizer.py loads a ChatML
-  byte-level BPE whose specials sit anywhere) and a base checkpoint; a source with a chat template also gets the
-  same files hard-linked as its chat checkpoint. Chats are rendered by chatsmith's ChatML renderer (BOS first, no
-  `<think>` blocks), which is not byte-identical to Qwen3's own template: tune with `chatsmith sft` for exactness.
+  byte-level BPE whose specials sit anywhere) and a base checkpoint; a source with a chat template (or `--stage
+  chat`) also gets the same files hard-linked as its chat checkpoint. `chatsmith sft` starts from a base model and
+  refuses a run that already has chat checkpoints: import with `--stage base` to fine-tune. Chats are rendered by
+  chatsmith's ChatML renderer (BOS first, no `<think>` blocks), which is not byte-identical to Qwen3's own template.
 - `hf:ORG/NAME` sources go through huggingface_hub's snapshot_download (online only); offline it is one sentence.
 """
 
@@ -77,6 +78,9 @@ class ImportConfig:
     source: str = opt("", "DIR: a local Hugging Face Qwen3 directory (config.json, *.safetensors, tokenizer.json), "
                           "or hf:ORG/NAME to download one (online only)", positional=True)
     run: str = opt("", "name of the new run; default: the directory's name")
+    stage: str = opt("auto", "chat: a chat model (chat, serve) and the same files as its base model; base: a base "
+                             "model only, the start for `chatsmith sft`; auto: chat when the source has a chat "
+                             "template", choices=("auto", "chat", "base"))
     seq_len: int = opt(0, "context length of the run; 0 = the model's max_position_embeddings, at most 4096",
                        min=0, max=2**20)
     force: bool = opt(False, "replace the run's imported checkpoint if it exists")
@@ -273,10 +277,12 @@ def model_card(loaded: LoadedModel, name: str) -> str:
 
     cfg, run = loaded.model.config, loaded.run
     meta = json.loads((loaded.checkpoint / "meta.json").read_text(encoding="utf-8"))
-    kind = "chat (SFT) model" if loaded.is_chat else "base (pretrained) model"
+    kind = "chat model" if loaded.is_chat else "base (pretrained) model"
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [chatsmith, qwen3]",
              "language: [en, zh]", "---", "", f"# {name}", "",
-             f"A {kind} trained with chatsmith: run `{run.name}`, checkpoint `{loaded.checkpoint.name}` "
+             (f"A {kind} imported into chatsmith from `{meta['imported_from'].get('source')}`"
+              if meta.get("imported_from") else f"A {kind} trained with chatsmith")
+             + f": run `{run.name}`, checkpoint `{loaded.checkpoint.name}` "
              f"(step {meta.get('step', '?')}), git `{meta.get('git') or 'unknown'}`. Architecture: Qwen3 "
              f"(`Qwen3ForCausalLM`), {loaded.model.num_params():,} parameters.", "",
              "| depth | width | heads (kv) | head dim | MLP | vocab | context | tied |",
@@ -433,7 +439,7 @@ def load_hf_weights(model: Any, files: list[Path]) -> None:
                         f"model?")
 
 
-def import_hf(source: str, run_name: str = "", seq_len: int = 0, force: bool = False) -> Path:
+def import_hf(source: str, run_name: str = "", seq_len: int = 0, force: bool = False, stage: str = "auto") -> Path:
     """Turn a local Qwen3 directory into a chatsmith run (see the module docstring); returns the run directory."""
     import torch
 
@@ -485,7 +491,8 @@ def import_hf(source: str, run_name: str = "", seq_len: int = 0, force: bool = F
                               "torch_dtype": hf_cfg.get("torch_dtype") or hf_cfg.get("dtype"),
                               "chat_template": bool(template)}}
     path = checkpoint.save(base_root, 0, model.state_dict(), meta=meta, rng=False, keep_last=0)
-    if template:
+    as_chat = stage == "chat" or (stage == "auto" and bool(template))
+    if as_chat:
         chat = chat_root / path.name
         chat.mkdir(parents=True)
         for f in path.iterdir():
@@ -494,10 +501,11 @@ def import_hf(source: str, run_name: str = "", seq_len: int = 0, force: bool = F
             log("import hf: warning: the source's chat template is not ChatML; chatsmith renders chats in ChatML")
     atomic_write_json(run / "config.json", {"import": {"source": source, "model": dataclasses.asdict(mcfg)}})
     log(f"import hf: run {run.name} from {src} ({model.num_params():,} parameters, "
-        f"{'chat and base' if template else 'base'} checkpoint); talk to it: chatsmith chat --run {run.name}")
+        f"{'chat and base' if as_chat else 'base'} checkpoint); talk to it: chatsmith chat --run {run.name}"
+        + ("" if as_chat else f", fine-tune it: chatsmith sft --run {run.name}"))
     return run
 
 
 def import_hf_main(cfg: ImportHFStage) -> None:
     c = cfg.imports
-    import_hf(c.source, c.run, c.seq_len, c.force)
+    import_hf(c.source, c.run, c.seq_len, c.force, c.stage)

@@ -301,6 +301,18 @@ def test_import_logits_equal_transformers(qwen_dir):
         assert loaded.tokenizer.decode(loaded.tokenizer.encode(text)) == text
 
 
+def test_import_as_base_for_sft_by_command(qwen_dir, capsys):
+    path, _, _ = qwen_dir
+    assert cli_main(["import", "hf", str(path), "--run", "b", "--stage", "base"]) == 0
+    assert "chatsmith sft --run b" in capsys.readouterr().err
+    run = run_dir("b", create=False)
+    assert checkpoint.list_checkpoints(run / "checkpoints") and not (run / "chat").exists()
+    assert cli_main(["import", "hf", str(path), "--run", "b"]) == 2  # the run exists: --force replaces it
+    assert "pass --force" in capsys.readouterr().err
+    assert cli_main(["import", "hf", str(path), "--run", "b", "--force"]) == 0
+    assert checkpoint.list_checkpoints(run / "chat" / "checkpoints")  # the source has a chat template
+
+
 def test_import_then_export_gives_the_same_tensors(qwen_dir, tmp_path):
     from safetensors import safe_open
 
