@@ -390,7 +390,7 @@ def resolve_hf_source(source: str) -> Path:
             raise UserError("hf: names need huggingface_hub; pip install huggingface_hub, or pass a local "
                             "directory") from None
         try:
-            return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+            return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
         except Exception as e:  # offline, unknown repo, gated: the hub raises many kinds
             raise UserError(f"could not download {repo} from the Hugging Face hub ({type(e).__name__}); check the "
                             f"name and the network, or pass a local directory") from None
