@@ -152,6 +152,8 @@ class ChatCheckConfig:
 class SpeedrunEvalConfig:
     eval_limit: int = opt(200, "items per task when the speedrun evaluates its base and chat models (`chatsmith eval` "
                                "runs whole sets on request); 0 skips the evaluation", min=0, max=10**9)
+    eval_max_tokens: int = opt(256, "reply length limit of the generative tasks in that evaluation", min=1,
+                               max=10**6)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -225,7 +227,7 @@ def preset_smoke() -> dict[str, dict[str, Any]]:
         "sft": {"max_convs": 60, "val_convs": 10},
         "checks": {"check_prompts": 8, "check_zh_prompts": 4, "check_max_tokens": 16},
         "sft_train": {"steps": 10, "device_batch": 4, "eval_every": 5, "eval_tokens": 2048, "ckpt_every": 5},
-        "speedrun_eval": {"eval_limit": 4},
+        "speedrun_eval": {"eval_limit": 4, "eval_max_tokens": 16},
     }
 
 

@@ -53,7 +53,7 @@ REFERENCES: dict[str, tuple[dict[str, Any], ...]] = {
     "chat": (
         {"model": "nanochat d20 (SFT, 561M)", "setting": "chat format, answer letter / generation",
          "scores": {"arc_easy": ("acc", 0.3876), "arc_challenge": ("acc", 0.2807), "mmlu": ("acc", 0.3151),
-                    "gsm8k": ("acc", 0.0455), "humaneval": ("acc", 0.0854)},
+                    "gsm8k": ("exact", 0.0455), "humaneval": ("pass@1", 0.0854)},
          "source": "karpathy/nanochat README.md, speedrun report card (Oct 2025), SFT column"},
     ),
 }
@@ -352,7 +352,9 @@ def _timing_lines(speedrun: dict | None) -> list[str]:
     if not stages:
         return ["No stage times recorded (`speedrun.json` is missing: the run was not made by `chatsmith speedrun`).",
                 ""]
-    rows = [[name, _f(rec.get("seconds", 0.0), 1), _duration(rec.get("seconds", 0.0))] for name, rec in stages.items()]
+    order = ("tokenizer", "data", "pretrain", "sft", "rl", "eval base", "eval chat", "report")
+    names = sorted(stages, key=lambda n: (order.index(n) if n in order else len(order), n))  # pipeline order
+    rows = [[n, _f(stages[n].get("seconds", 0.0), 1), _duration(stages[n].get("seconds", 0.0))] for n in names]
     total = sum(rec.get("seconds", 0.0) for rec in stages.values())
     rows.append(["**total**", _f(total, 1), _duration(total)])
     lines = _table(["stage", "seconds", "wall"], rows)

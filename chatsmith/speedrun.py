@@ -114,8 +114,9 @@ def evaluate_stage(cfg: config.SpeedrunStage, run: Path, stage: str, clock: Stag
 
     stage_cfg = config.make(evaluate.EvalStage, {"run": {"run": cfg.run.run, "preset": cfg.run.preset},
                                                  "load": {"run": cfg.run.run},
-                                                 "eval": {"stage": stage, "limit": limit}})
-    with clock.stage(f"eval {stage}", StageClock.fingerprint(limit, step)):
+                                                 "eval": {"stage": stage, "limit": limit,
+                                                          "max_tokens": cfg.speedrun_eval.eval_max_tokens}})
+    with clock.stage(f"eval {stage}", StageClock.fingerprint(cfg.speedrun_eval, step)):
         evaluate.main(stage_cfg)
 
 
