@@ -637,11 +637,13 @@ class ChatReply:
 def chat(engine: Engine, tokenizer: Tokenizer, messages: Sequence[dict], params: SamplingParams | None = None,
          tools: bool = True, on_delta: Callable[[str], None] | None = None,
          on_tool: Callable[[dict, str], None] | None = None, max_tool_calls: int = 4,
-         run_tool: Callable[[str, dict], str] | None = None, drive: bool = True) -> ChatReply:
+         run_tool: Callable[[str, dict], str] | None = None, drive: bool = True,
+         allow_python: bool = False) -> ChatReply:
     """Generate the assistant's reply to `messages`, running the tools it calls (see `chatsmith.tools`).
 
     Each round renders the conversation (the one chat template) and generates; if the text stops on `</tool_call>`,
-    the call is parsed (`parse_assistant`) and run (`run_tool(name, arguments) -> text`, default tools.run_tool), the
+    the call is parsed (`parse_assistant`) and run (`run_tool(name, arguments) -> text`, default tools.run_tool: the
+    python tool only with `allow_python`, the user's --allow-python), the
     assistant turn (with `tool_calls`) and a `tool` turn with the result are appended, and the next round goes on.
     At most `max_tool_calls` calls run; one more ends the reply with "tool_limit". A call that does not parse gets an
     "error: ..." tool turn, so the model can retry. `params` apply to every round (max_tokens per round).
@@ -653,7 +655,7 @@ def chat(engine: Engine, tokenizer: Tokenizer, messages: Sequence[dict], params:
     from .tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_assistant
 
     params = params or SamplingParams()
-    run_tool = run_tool or tool_registry.run_tool
+    run_tool = run_tool or functools.partial(tool_registry.run_tool, allow_python=allow_python)
     if tools:  # the call's closing tag is cut from the text (unless the caller includes stops) and put back below
         params = dataclasses.replace(params, stop=(*params.stop, TOOL_CALL_CLOSE))
     history, new = list(messages), []
