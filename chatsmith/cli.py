@@ -4,6 +4,7 @@
     chatsmith chat --run cpu --temperature 0.3
     chatsmith chat --checkpoint ~/.cache/chatsmith/runs/cpu/chat/checkpoints/step_000400
     chatsmith chat --prompt "What is 12*34?"   # one-shot: prints the reply on stdout and exits 0
+    chatsmith chat --allow-python           # the model may also run Python it writes, in the bubblewrap sandbox
 
 Which model: `checkpoint.load_model` decides (its docstring says how): `--checkpoint PATH`, else the newest chat
 checkpoint of `--run` (default: the newest run that has one), else that run's base model with a warning (it continues
@@ -43,7 +44,7 @@ HELP = """commands:
   /clear         forget the conversation (the system prompt stays)
   /system TEXT   set the system prompt (/system alone removes it)
   /temp X        sampling temperature (0 = greedy)
-  /tools on|off  let the model call the calculator and python tools
+  /tools on|off  let the model call tools: the calculator, and python when started with --allow-python
   /quit          leave (or Ctrl-D)
 input: end a line with \\ to continue on the next one; a line of three double quotes starts and ends paste mode"""
 
@@ -63,7 +64,9 @@ class ChatConfig:
     max_tokens: int = opt(CHAT_DEFAULTS.max_tokens, "most tokens per reply (per round when tools are called)",
                           min=1, max=2**20)
     seed: int = opt(-1, "sampling seed (each reply adds its number); -1 = random", min=-1, max=2**32 - 1)
-    tools: bool = opt(True, "let the model call the calculator and python tools")
+    tools: bool = opt(True, "let the model call tools: the calculator, and python with --allow-python")
+    allow_python: bool = opt(False, "let the model run Python it writes, inside the bubblewrap sandbox (no network, "
+                             "private /tmp, limits; chatsmith/sandbox.py); needs bwrap")
     max_tool_calls: int = opt(4, "most tool calls in one reply", min=0, max=100)
 
 
@@ -151,6 +154,7 @@ class ChatSession:
         self.replies += 1
         try:
             result = chat(self.engine, self.tokenizer, kept, params, tools=self.tools, on_delta=self.write,
+                          allow_python=self.cfg.allow_python,
                           on_tool=self._show_tool, max_tool_calls=self.cfg.max_tool_calls)
         except KeyboardInterrupt:
             self.write("\n")
@@ -268,6 +272,10 @@ def main(cfg: ChatStage, stdin: TextIO | None = None, stdout: TextIO | None = No
                    top_p=cfg.chat.top_p, repetition_penalty=cfg.chat.repetition_penalty)  # bad flags fail early
     if cfg.chat.max_tool_calls < 0:
         raise UserError(f"--max-tool-calls must be >= 0, not {cfg.chat.max_tool_calls}")
+    if cfg.chat.allow_python:
+        from .sandbox import check_sandbox
+
+        check_sandbox()  # one sentence saying how to install bubblewrap, before the model loads
     loaded = load_model(cfg.load)
     max_len = cfg.load.context or loaded.model.config.seq_len
     engine = Engine(loaded.model, loaded.tokenizer, slots=1, max_len=max_len, autocast_dtype=loaded.autocast_dtype)
