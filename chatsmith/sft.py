@@ -9,8 +9,8 @@ rendered by the one chat template (`Tokenizer.render_conversation`, loss on assi
 packed whole into rows (never cut; the rest of a row is padding). It starts from the latest base checkpoint in
 `checkpoints/` and writes `chat/checkpoints/` and `chat/metrics.jsonl`. Validation is bits per byte and loss on the
 assistant tokens of held-out conversations. At the end, `chat_checks` answers held-out prompts the way `chatsmith
-chat` would (its default sampling, tools run) and measures how often a reply ends with `<|im_end|>` and how often a
-Chinese prompt gets a mostly Chinese answer (`chat/chat_checks.json`).
+chat` would (its default sampling; the calculator runs, Python does not) and measures how often a reply ends with
+`<|im_end|>` and how often a Chinese prompt gets a mostly Chinese answer (`chat/chat_checks.json`).
 
 Learning rates: SFT continues from weights whose schedule ended at zero, with a quarter of the pretraining rates
 decayed linearly to zero over the SFT steps (`sft_optim`).
@@ -66,10 +66,12 @@ def base_model(run, run_name: str) -> tuple[ModelConfig, checkpoint.Checkpoint]:
 
 
 @torch.no_grad()
-def chat_checks(model: GPT, tok: Tokenizer, prompts: list[str], max_tokens: int, device: str, seed: int) -> dict:
+def chat_checks(model: GPT, tok: Tokenizer, prompts: list[str], max_tokens: int, device: str, seed: int, *,
+                allow_python: bool = False) -> dict:
     """Replies to single-turn `prompts` as `chatsmith chat` gives them (its default sampling, seeded per prompt, tool
-    calls run): how many end with <|im_end|> (not cut by `max_tokens`), and for the prompts that are mostly Chinese,
-    how many answers (the last assistant turn, after any tool call) are >= 50 % han characters."""
+    calls run: the calculator, and model-written Python only with `allow_python`, in the sandbox): how many end
+    with <|im_end|> (not cut by `max_tokens`), and for the prompts that are mostly Chinese, how many answers (the
+    last assistant turn, after any tool call) are >= 50 % han characters."""
     from .engine import CHAT_DEFAULTS, Engine, chat
 
     was_training = model.training
@@ -80,7 +82,7 @@ def chat_checks(model: GPT, tok: Tokenizer, prompts: list[str], max_tokens: int,
     rows = []
     for i, p in enumerate(progress(prompts, desc="chat checks", unit="prompt")):
         params = dataclasses.replace(defaults, max_tokens=max_tokens, seed=seed + i)
-        reply = chat(engine, tok, [{"role": "user", "content": p}], params, tools=True)
+        reply = chat(engine, tok, [{"role": "user", "content": p}], params, tools=True, allow_python=allow_python)
         answer = reply.messages[-1]["content"] if reply.messages else ""
         rows.append((p, answer, reply.stop_reason == im_end, reply.tool_calls))
     model.train(was_training)
