@@ -48,7 +48,7 @@ How it is shaped:
   chat template does not render them; our models know the calculator and python tools from SFT), and
   tool_choice "required" or a named function is accepted but not enforced. One call per turn. For the web UI (which
   cannot compute anything itself) `POST /v1/tools/calculator` runs the calculator of tools.py; model-written Python
-  is never run on behalf of an HTTP client.
+  runs for an HTTP client only with `--allow-python` (`POST /v1/tools/python`, in the bubblewrap sandbox).
 - response_format json_object (and "text") is accepted; nothing constrains decoding, so the output is JSON only
   when the model writes JSON. json_schema is refused with 400.
 - logprobs: the engine does not return them, so after generation the prompt + completion are scored with one
@@ -119,12 +119,19 @@ class ServeConfig:
     keepalive: float = opt(5.0, "seconds between `: keep-alive` SSE comments while a stream waits", min=0.001,
                            max=3600)
     ui: bool = opt(True, "serve the web UI (chatsmith/ui) at /")
+    allow_python: bool = opt(False, "also run the python tool for /v1/tools clients (the web UI), inside the "
+                             "bubblewrap sandbox (chatsmith/sandbox.py); needs bwrap")
 
 
 @dataclass(frozen=True)
 class ServeStage:
     load: LoadConfig = LoadConfig()
     serve: ServeConfig = ServeConfig()
+
+
+def web_tools(cfg: ServeConfig) -> tuple[str, ...]:
+    """The tools /v1/tools runs for a client: WEB_TOOLS, and python (sandboxed) with --allow-python."""
+    return (*WEB_TOOLS, "python") if cfg.allow_python else WEB_TOOLS
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -639,7 +646,7 @@ def create_app(server: Server, ui_dir: Path | None = None):
     async def tools_list():
         from .tools import TOOLS
 
-        return {"object": "list", "data": [TOOLS[name].to_openai() for name in WEB_TOOLS]}
+        return {"object": "list", "data": [TOOLS[name].to_openai() for name in web_tools(server.cfg)]}
 
     @app.post("/v1/tools/{name}")
     async def tools_run(name: str, request: Request):
@@ -647,14 +654,15 @@ def create_app(server: Server, ui_dir: Path | None = None):
         from .tools import run_tool
 
         try:
-            if name not in WEB_TOOLS:
+            if name not in web_tools(server.cfg):
                 raise APIError(404, f"this server runs no tool {name[:40]!r}; GET /v1/tools lists them",
                                code="tool_not_found")
             body = await off_loop(parse_body, await read_body(request))
             arguments = body.get("arguments", {})
             if not isinstance(arguments, dict | str):
                 raise invalid_value("arguments", "arguments must be a JSON object or its text")
-            content = await off_loop(run_tool, name, arguments)
+            python = server.cfg.allow_python
+            content = await off_loop(lambda: run_tool(name, arguments, allow_python=python))
         except APIError as e:
             return error_response(e, "/v1/tools")
         server.metrics.request("/v1/tools", 200)
@@ -728,6 +736,10 @@ def main(cfg: ServeStage) -> int:
     import uvicorn
 
     s = cfg.serve
+    if s.allow_python:
+        from .sandbox import check_sandbox
+
+        check_sandbox()  # one sentence saying how to install bubblewrap, before anything starts
     server = Server(s, s.api_key or os.environ.get("CHATSMITH_API_KEY", ""))
     app = create_app(server)
     uv = uvicorn.Server(uvicorn.Config(app, host=s.host, port=s.port, log_level="warning", access_log=False,
