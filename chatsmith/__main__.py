@@ -57,10 +57,18 @@ def _resolve(path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def usage() -> str:
-    width = max(len(c) for c in COMMANDS)
-    lines = ["usage: chatsmith <command> [--flags]   (chatsmith <command> --help for its flags)", "", "commands:"]
-    lines += [f"  {name.ljust(width)}  {entry[3]}" for name, entry in COMMANDS.items()]
+def groups() -> set[str]:
+    """First words of the two-word commands ("bench", "tokenizer", ...)."""
+    return {name.split()[0] for name in COMMANDS if " " in name}
+
+
+def usage(group: str = "") -> str:
+    """The command list; with `group`, only that group's commands ("chatsmith bench" alone or with --help)."""
+    names = [name for name in COMMANDS if not group or name.split()[0] == group]
+    width = max(len(c) for c in names)
+    prog = f"chatsmith {group}".strip()
+    lines = [f"usage: {prog} <command> [--flags]   (chatsmith <command> --help for its flags)", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {COMMANDS[name][3]}" for name in names]
     return "\n".join(lines)
 
 
@@ -69,13 +77,22 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
+    if argv[0] == "--version":
+        from . import __version__
+
+        print(f"chatsmith {__version__}")
+        return 0
     for words in (2, 1):
         name = " ".join(argv[:words])
         if len(argv) >= words and name in COMMANDS:
             rest = argv[words:]
             break
     else:
-        print(f"chatsmith: unknown command {' '.join(argv[:2])!r}\n\n{usage()}", file=sys.stderr)
+        if argv[0] in groups() and (len(argv) == 1 or argv[1] in ("-h", "--help")):
+            print(usage(argv[0]))  # a group word alone lists its commands
+            return 0
+        group = argv[0] if argv[0] in groups() else ""
+        print(f"chatsmith: unknown command {' '.join(argv[:2])!r}\n\n{usage(group)}", file=sys.stderr)
         return 2
     module, func, stage, help_text = COMMANDS[name]
     from . import config
