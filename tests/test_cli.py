@@ -39,3 +39,25 @@ def test_user_error_is_one_sentence_without_traceback():
     assert "Traceback" not in out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "error:" in lines[0] and "tokenizer train" in lines[0]
+
+
+def test_version_matches_the_package_metadata(capsys):
+    import tomllib
+    from pathlib import Path
+
+    assert main(["--version"]) == 0
+    version = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    assert capsys.readouterr().out == f"chatsmith {version}\n"
+
+
+def test_a_group_word_alone_or_with_help_lists_its_commands(capsys):
+    groups = {name.split()[0] for name in COMMANDS if " " in name}
+    assert {"bench", "tokenizer", "data"} <= groups
+    for group in groups:
+        for argv in ([group], [group, "--help"], [group, "-h"]):
+            assert main(argv) == 0, argv
+            listed = [line.split()[:2] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+            assert sorted(" ".join(words) for words in listed) == sorted(n for n in COMMANDS if n.split()[0] == group)
+    assert main(["bench", "frobnicate"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'bench frobnicate'" in err and "bench train" in err and "pretrain" not in err
