@@ -27,15 +27,14 @@ Results: `<run>/eval/<stage>_step<NNNNNN>.json` (schema in the README) and a mar
 
 from __future__ import annotations
 
-import concurrent.futures
-import dataclasses
 import datetime
 import json
+import queue
 import random
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,14 +67,12 @@ class EvalConfig:
     batch_tokens: int = opt(8192, "tokens per forward pass when scoring (rows x padded length)", min=16)
     batch_size: int = opt(16, "replies decoded together for generative tasks (engine slots)", min=1, max=512)
     max_tokens: int = opt(256, "reply length limit of generative tasks (a task may set a shorter one)", min=1)
-    decode_threads: int = opt(1, "torch threads while decoding (1 is fastest for small models); 0: unchanged",
-                              min=0)
     seed: int = opt(0, "seed of the task subsets and few-shot draws", min=0)
 
 
 @dataclass(frozen=True)
 class EvalStage:
-    load: LoadConfig = dataclasses.replace(LoadConfig(), threads=0)  # scoring is batched: use every core
+    load: LoadConfig = LoadConfig()
     eval: EvalConfig = EvalConfig()
 
 
@@ -214,16 +211,21 @@ def score_mc_chat(task: Task, items: Sequence[MCItem], loaded: LoadedModel, ec: 
 # generation
 
 
-def generate_replies(loaded: LoadedModel, prompts: Sequence[GenItem], stage: str, max_tokens: int, tools: bool,
-                     slots: int, on_reply: Callable[[int, str], None]) -> None:
-    """Greedy replies for every item, `slots` at a time: one thread runs the engine, one worker per slot waits for
-    its reply (chat: `engine.chat`, tool calls included; base: a plain continuation up to the end of the line)."""
+def judge_replies(loaded: LoadedModel, items: Sequence[GenItem], stage: str, max_tokens: int, tools: bool,
+                  slots: int, judge: Callable[[GenItem, str], bool]) -> Iterator[tuple[int, bool]]:
+    """(index, verdict) for every item, as replies finish: greedy replies, `slots` at a time. One thread runs the
+    engine; `slots` worker threads each take the next item, wait for its reply (chat: `engine.chat`, tool calls
+    included; base: a plain continuation up to the end of the line) and judge it (HumanEval runs its program there,
+    so programs run side by side). Workers are daemon threads: an error or Ctrl-C here never waits for them."""
     from .engine import Engine, SamplingParams, chat
 
     engine = Engine(loaded.model, loaded.tokenizer, slots=slots, autocast_dtype=loaded.autocast_dtype)
     tok = loaded.tokenizer
     stop = threading.Event()
-    server = threading.Thread(target=engine.serve_forever, args=(stop,), daemon=True)
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    done: queue.SimpleQueue = queue.SimpleQueue()
+    for i in range(len(items)):
+        todo.put(i)
 
     def reply(item: GenItem) -> str:
         if stage == "chat":
@@ -234,37 +236,46 @@ def generate_replies(loaded: LoadedModel, prompts: Sequence[GenItem], stage: str
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=("\n",))
         return engine.submit(ids, params).result().text
 
-    server.start()
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.put((i, bool(judge(items[i], reply(items[i]))), None))
+            except BaseException as e:  # handed to the caller's thread
+                done.put((i, False, e))
+
+    def serve() -> None:
+        try:
+            engine.serve_forever(stop)
+        except BaseException as e:
+            done.put((-1, False, e))
+
+    threads = [threading.Thread(target=serve, daemon=True)]
+    threads += [threading.Thread(target=work, daemon=True) for _ in range(min(slots, len(items)))]
+    for t in threads:
+        t.start()
     try:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=slots) as pool:
-            futures = {pool.submit(reply, item): i for i, item in enumerate(prompts)}
-            for future in concurrent.futures.as_completed(futures):
-                on_reply(futures[future], future.result())
+        for _ in range(len(items)):
+            i, verdict, error = done.get()
+            if error is not None:
+                raise error
+            yield i, verdict
     finally:
         stop.set()
-        server.join()
 
 
 def score_gen(task: Task, items: Sequence[GenItem], loaded: LoadedModel, ec: EvalConfig, stage: str) -> dict:
     """{"exact": [...]} (or pass@1): each reply judged by the task's checker."""
-    import torch
-
     max_tokens = min(task.max_tokens, ec.max_tokens) if task.max_tokens else ec.max_tokens
     right = [False] * len(items)
-    done = [0]
-    threads = torch.get_num_threads()
-    if ec.decode_threads:
-        torch.set_num_threads(ec.decode_threads)
     with progress(total=len(items), desc=task.name, unit="q") as bar:
-        def on_reply(i: int, text: str) -> None:
-            right[i] = bool(task.check(items[i], text))
-            done[0] += 1
-            _running(bar, sum(right), done[0])
-
-        try:
-            generate_replies(loaded, items, stage, max_tokens, task.tools, ec.batch_size, on_reply)
-        finally:
-            torch.set_num_threads(threads)
+        replies = judge_replies(loaded, items, stage, max_tokens, task.tools, ec.batch_size, task.check)
+        for n, (i, verdict) in enumerate(replies, 1):
+            right[i] = verdict
+            _running(bar, sum(right), n)
     return {task.metric_for(stage): right}
 
 

@@ -302,3 +302,16 @@ def test_eval_user_errors(tiny_run, tmp_path):
         evaluate.main(stage("--run", "tiny", "--tasks", f"local:{tmp_path / 'missing.jsonl'}"))
     with pytest.raises(UserError, match="--stage must be one of"):
         stage("--stage", "rl")
+
+
+def test_generation_judges_every_item_and_passes_errors_on(model, tok):
+    loaded = checkpoint.LoadedModel(model, tok, None, None, True, None)
+    items = [tasks.GenItem(prompt=f"What is {i} + 1?", answer=str(i + 1)) for i in range(5)]
+    seen = dict(evaluate.judge_replies(loaded, items, "chat", 3, False, 2, lambda item, reply: item.answer == "3"))
+    assert seen == {0: False, 1: False, 2: True, 3: False, 4: False}
+
+    def broken(item, reply):
+        raise ValueError("checker broke")
+
+    with pytest.raises(ValueError, match="checker broke"):  # raised here, not lost in a worker thread (or a hang)
+        list(evaluate.judge_replies(loaded, items, "base", 3, False, 2, broken))
