@@ -7,7 +7,8 @@
         raise invalid_body(e, ChatRequest) from None   # an APIError: 400, param "messages", what it expects
 
 Nothing here touches the engine thread, the model or the HTTP framework: server.py holds how a request is run and
-served, this file what goes over the wire.
+served, this file what goes over the wire, and how a body becomes prompts and sampling parameters (`build_job`,
+given a tokenizer and the context length).
 
 How it is shaped:
 - Validation: pydantic models in strict mode (no coercion: "1" and true are not numbers; null means "not given")
@@ -32,9 +33,12 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .common import UserError
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 MAX_N = 16  # sequences per request (prompts x n)
@@ -163,6 +167,129 @@ class CompletionRequest(Sampling):
     best_of: int | None = None
     logprobs: _range(int, 0, 20) | None = None
     echo: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a body -> what to generate
+
+
+@dataclass
+class Job:
+    """A validated request: n sequences per prompt (prompts and echo repeated n times), and how to present them."""
+    chat: bool
+    req: Sampling
+    prompts: list[list[int]]
+    params: list  # SamplingParams per sequence
+    tools: bool
+    top_logprobs: int | None  # None = no logprobs
+    echo: list[str] | None  # completions: prompt text per sequence when echo
+
+
+def parse_body(body: bytes) -> dict:
+    """The JSON object of a request body (NaN and Infinity refused: they are not JSON; bad UTF-8 is a 400)."""
+    def no_constants(name: str):
+        raise ValueError(name)
+
+    try:
+        data = json.loads(body, parse_constant=no_constants)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def build_job(body: dict, chat: bool, tok, max_len: int, model_id: str, default_max_tokens: int) -> Job:
+    """Validate a POST body (`parse_body`) into prompts and SamplingParams for a model with context `max_len`;
+    every problem is an APIError. Blocking (tokenizes): the server runs it off its event loop."""
+    from .engine import CHAT_DEFAULTS, SamplingParams
+    from .tokenizer import TOOL_CALL_CLOSE, ConversationError
+
+    schema = ChatRequest if chat else CompletionRequest
+    try:
+        req = schema.model_validate(body)
+    except ValidationError as e:
+        raise invalid_body(e, schema) from None
+    if req.model is not None and req.model != model_id:
+        raise APIError(404, f"The model {str(req.model)[:80]!r} does not exist; this server serves "
+                            f"{model_id!r}", param="model", code="model_not_found")
+    if req.stream_options is not None and not req.stream:
+        raise invalid_value("stream_options", "stream_options is only allowed when stream is true")
+    tools, echo, max_tokens = False, None, req.max_tokens
+    if chat:
+        try:
+            prompts = [tok.render_for_completion([m.turn() for m in req.messages])]
+        except ConversationError as e:
+            raise invalid_value("messages", str(e)) from None
+        if req.top_logprobs and not req.logprobs:
+            raise invalid_value("top_logprobs", "top_logprobs needs logprobs: true")
+        max_tokens = req.max_completion_tokens or max_tokens
+        tools, top = bool(req.tools) and req.tool_choice != "none", req.top_logprobs if req.logprobs else None
+    else:
+        prompt = req.prompt
+        prompt = [prompt] if isinstance(prompt, str) or prompt and isinstance(prompt[0], int) else prompt
+        if not 0 < len(prompt) <= MAX_N or not all(isinstance(p, str) or p and all(0 <= t < tok.vocab_size for t in p)
+                                                   for p in prompt):
+            raise invalid_value("prompt", f"prompt must be a string, a list of up to {MAX_N} strings, or token ids "
+                                 f"(lists of integers in [0, {tok.vocab_size - 1}])")
+        prompts = [tok.encode(p, bos=True) if isinstance(p, str) else list(p) for p in prompt]
+        if req.best_of not in (None, req.n):
+            raise invalid_value("best_of", "best_of is not supported (only equal to n)")
+        max_tokens, top = max_tokens or 16, req.logprobs  # 16: the OpenAI default for completions
+        if req.echo:
+            echo = [tok.decode(p[1:] if p[:1] == [tok.bos_id] else p) for p in prompts for _ in range(req.n)]
+    if len(prompts) * req.n > MAX_N:
+        raise invalid_value("n", f"prompts x n must be at most {MAX_N}")
+    longest = max(len(p) for p in prompts)
+    if max_tokens is None:
+        if longest >= max_len:
+            raise APIError(400, f"This model's maximum context length is {max_len} tokens, but the messages take "
+                                f"{longest}; shorten them", param="messages", code="context_length_exceeded")
+        max_tokens = min(default_max_tokens, max_len - longest)
+    if longest + max_tokens > max_len:
+        raise APIError(400, f"This model's maximum context length is {max_len} tokens; the prompt has {longest} "
+                            f"tokens and max_tokens asks for {max_tokens} more ({longest + max_tokens} in all); "
+                            f"shorten the prompt or lower max_tokens", param="messages" if chat else "prompt",
+                       code="context_length_exceeded")
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
+    base = CHAT_DEFAULTS if chat else SamplingParams()  # for what the request leaves out
+
+    def given(name: str):
+        value = getattr(req, name)
+        return getattr(base, name) if value is None else value
+
+    try:
+        params = [SamplingParams(
+            max_tokens=max_tokens, temperature=given("temperature"), top_p=given("top_p") or 1e-9,
+            top_k=max(0, given("top_k")), min_p=req.min_p, presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty, repetition_penalty=given("repetition_penalty"),
+            seed=None if req.seed is None else (req.seed + j) % 2**64,
+            stop=(*stop, TOOL_CALL_CLOSE) if tools else stop) for j in range(req.n)]
+    except UserError as e:  # a range the request models do not check
+        raise invalid_value("sampling", str(e)) from None
+    return Job(chat, req, [p for p in prompts for _ in range(req.n)], params * len(prompts), tools, top, echo)
+
+
+def tokenize_body(body: dict, tok, max_len: int) -> dict:
+    """vLLM's /tokenize: {"messages": [...]} (rendered as a chat prompt) or {"prompt": "..."} -> its tokens."""
+    from .tokenizer import ConversationError
+
+    chat = "messages" in body
+    schema = ChatRequest if chat else CompletionRequest
+    try:
+        req = schema.model_validate(body if chat else {**body, "prompt": body.get("prompt", "")})
+    except ValidationError as e:
+        raise invalid_body(e, schema) from None
+    if chat:
+        try:
+            ids = tok.render_for_completion([m.turn() for m in req.messages])
+        except ConversationError as e:
+            raise invalid_value("messages", str(e)) from None
+    elif isinstance(req.prompt, str):
+        ids = tok.encode(req.prompt, bos=True)
+    else:
+        raise invalid_value("prompt", "prompt must be a string")
+    return {"count": len(ids), "max_model_len": max_len, "tokens": ids}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -347,7 +474,7 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-__all__ = ["MAX_N", "ROLES", "TTFT_BUCKETS", "APIError", "ChatRequest", "Choice", "CompletionRequest", "Metrics",
-           "CANCEL_REASONS", "ENDPOINTS", "endpoint_label",
-           "Sampling", "invalid_body", "invalid_value", "logprobs_body", "reply_choice", "reply_head", "sse",
-           "stream_chunk"]
+__all__ = ["CANCEL_REASONS", "ENDPOINTS", "MAX_N", "ROLES", "TTFT_BUCKETS", "APIError", "ChatRequest", "Choice",
+           "CompletionRequest", "Job", "Metrics", "Sampling", "build_job", "endpoint_label", "invalid_body",
+           "invalid_value", "logprobs_body", "parse_body", "reply_choice", "reply_head", "sse", "stream_chunk",
+           "tokenize_body"]

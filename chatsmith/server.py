@@ -31,15 +31,14 @@ How it is shaped:
 - Deadline: `--timeout` seconds per request from arrival, queueing included; then its sequences are cancelled and
   the reply is a 504 error (streaming: an `error` event, which the openai client raises as APIError).
 - Disconnects: starlette cancels a streaming response when the client goes (ASGI 2.3 disconnect listener); a
-  non-streaming handler watches `receive()` for `http.disconnect`. Either way the sequences are cancelled, which the
-  engine applies at its next step (within one decode step); `chatsmith_cancelled_total{reason}` counts them. The slot
-  is released around the whole streaming response (`_Stream`), not in its generator: a client that leaves before the
-  first chunk never starts the generator, whose `finally` would then never run.
-- Faults: a sequence whose engine step raises ends with finish_reason "error" (engine.py isolates it); its request
-  gets a 500 (or an SSE error event) and every other request goes on. No exception text reaches a client: /health
-  and 503 bodies say what failed in words, the log has the details.
-- /metrics: a request is counted once, when it ends, with its final status (a stream that hits the deadline is a
-  504, one whose client left a 499); labels come from fixed sets (protocol.endpoint_label).
+  non-streaming handler watches `receive()` for `http.disconnect`; the engine applies the cancel at its next step.
+  The slot is released around the whole streaming response (`_Stream`), not in its generator: a client that leaves
+  before the first chunk never starts the generator, whose `finally` would then never run. The API key is checked
+  by a plain ASGI wrapper (`_guard`), so no middleware task sits between the response and the client.
+- Faults: a sequence whose engine step raises ends with finish_reason "error" (engine.py isolates it): a 500 (or an
+  SSE error event) for its request, nobody else. Clients never see exception text (paths): the log has it.
+- /metrics: each request counted once, when it ends, with its final status (a stream past the deadline is a 504,
+  one whose client left a 499); labels from fixed sets (protocol.endpoint_label).
 - The model id is the run's name (`--model-name` overrides). `model` may be omitted; any other id is a 404.
 - Tools: when a request passes `tools` (and tool_choice is not "none"), generation stops at the first
   `</tool_call>` (as in `engine.chat`), the model's `<tool_call>{json}</tool_call>` becomes `tool_calls` and
@@ -51,14 +50,11 @@ How it is shaped:
   runs for an HTTP client only with `--allow-python` (`POST /v1/tools/python`, in the bubblewrap sandbox).
 - response_format json_object (and "text") is accepted; nothing constrains decoding, so the output is JSON only
   when the model writes JSON. json_schema is refused with 400.
-- logprobs: the engine does not return them, so after generation the prompt + completion are scored with one
-  forward of the model (log_softmax of the raw logits). They are the model's distribution before temperature,
-  top-p and penalties (what vLLM returns by default); they equal the sampling distribution only at temperature 1
-  without filters or penalties. A stop token (`<|im_end|>`) at the end gets no entry. When streaming, all logprobs
-  come with the last chunk of each choice.
-- The wire format lives in protocol.py: the strict request models and their 400s, the error body, reply, chunk and
-  logprobs shapes, a choice's text -> content/tool_calls (`Choice`) and the /metrics registry (`Metrics`). This file
-  reads the body (size and time limits; JSON NaN/Infinity refused), runs the request and serves it.
+- logprobs: after generation the prompt + completion are scored with one forward (log_softmax of the raw logits):
+  the model's distribution before temperature, filters and penalties (vLLM's default). A stop token at the end gets
+  no entry; when streaming, all logprobs come with the last chunk of each choice.
+- The wire format lives in protocol.py (request models and their 400s, body -> Job, error, reply and chunk shapes,
+  `Choice`, the /metrics registry); this file reads bodies, runs requests and serves them.
 """
 
 
@@ -66,7 +62,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import hmac
-import json
 import os
 import threading
 import time
@@ -74,26 +69,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from .checkpoint import LoadConfig, load_model
 from .common import UserError, log
 from .config import opt
 from .protocol import (
-    MAX_N,
     APIError,
-    ChatRequest,
     Choice,
-    CompletionRequest,
+    Job,
     Metrics,
-    Sampling,
-    invalid_body,
+    build_job,
     invalid_value,
     logprobs_body,
+    parse_body,
     reply_choice,
     reply_head,
     sse,
     stream_chunk,
+    tokenize_body,
 )
 
 WEB_TOOLS = ("calculator",)  # the tools of tools.py that /v1/tools runs for a client (never model-written code)
@@ -202,103 +194,6 @@ class Server:
         tops = logp.topk(top, dim=-1) if top else None
         return [(c, [] if tops is None else list(zip(tops.indices[t].tolist(), tops.values[t].tolist())))
                 for t, c in enumerate(chosen)]
-
-
-@dataclass
-class Job:
-    """A validated request: n sequences per prompt (prompts and echo repeated n times), and how to present them."""
-    chat: bool
-    req: Sampling
-    prompts: list[list[int]]
-    params: list  # SamplingParams per sequence
-    tools: bool
-    top_logprobs: int | None  # None = no logprobs
-    echo: list[str] | None  # completions: prompt text per sequence when echo
-
-
-def parse_body(body: bytes) -> dict:
-    """The JSON object of a request body (NaN and Infinity refused: they are not JSON; bad UTF-8 is a 400)."""
-    def no_constants(name: str):
-        raise ValueError(name)
-
-    try:
-        data = json.loads(body, parse_constant=no_constants)
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    return data
-
-
-def build_job(server: Server, body: dict, chat: bool) -> Job:
-    """Validate a POST body into prompts and SamplingParams; every problem is an APIError. Blocking (tokenizes):
-    the app runs it in `server.workers`."""
-    from .engine import CHAT_DEFAULTS, SamplingParams
-    from .tokenizer import TOOL_CALL_CLOSE, ConversationError
-
-    tok, max_len, schema = server.tokenizer, server.engine.max_len, ChatRequest if chat else CompletionRequest
-    try:
-        req = schema.model_validate(body)
-    except ValidationError as e:
-        raise invalid_body(e, schema) from None
-    if req.model is not None and req.model != server.model_id:
-        raise APIError(404, f"The model {str(req.model)[:80]!r} does not exist; this server serves "
-                            f"{server.model_id!r}", param="model", code="model_not_found")
-    if req.stream_options is not None and not req.stream:
-        raise invalid_value("stream_options", "stream_options is only allowed when stream is true")
-    tools, echo, max_tokens = False, None, req.max_tokens
-    if chat:
-        try:
-            prompts = [tok.render_for_completion([m.turn() for m in req.messages])]
-        except ConversationError as e:
-            raise invalid_value("messages", str(e)) from None
-        if req.top_logprobs and not req.logprobs:
-            raise invalid_value("top_logprobs", "top_logprobs needs logprobs: true")
-        max_tokens = req.max_completion_tokens or max_tokens
-        tools, top = bool(req.tools) and req.tool_choice != "none", req.top_logprobs if req.logprobs else None
-    else:
-        prompt = req.prompt
-        prompt = [prompt] if isinstance(prompt, str) or prompt and isinstance(prompt[0], int) else prompt
-        if not 0 < len(prompt) <= MAX_N or not all(isinstance(p, str) or p and all(0 <= t < tok.vocab_size for t in p)
-                                                   for p in prompt):
-            raise invalid_value("prompt", f"prompt must be a string, a list of up to {MAX_N} strings, or token ids "
-                                 f"(lists of integers in [0, {tok.vocab_size - 1}])")
-        prompts = [tok.encode(p, bos=True) if isinstance(p, str) else list(p) for p in prompt]
-        if req.best_of not in (None, req.n):
-            raise invalid_value("best_of", "best_of is not supported (only equal to n)")
-        max_tokens, top = max_tokens or 16, req.logprobs  # 16: the OpenAI default for completions
-        if req.echo:
-            echo = [tok.decode(p[1:] if p[:1] == [tok.bos_id] else p) for p in prompts for _ in range(req.n)]
-    if len(prompts) * req.n > MAX_N:
-        raise invalid_value("n", f"prompts x n must be at most {MAX_N}")
-    longest = max(len(p) for p in prompts)
-    if max_tokens is None:
-        if longest >= max_len:
-            raise APIError(400, f"This model's maximum context length is {max_len} tokens, but the messages take "
-                                f"{longest}; shorten them", param="messages", code="context_length_exceeded")
-        max_tokens = min(server.cfg.max_tokens, max_len - longest)
-    if longest + max_tokens > max_len:
-        raise APIError(400, f"This model's maximum context length is {max_len} tokens; the prompt has {longest} "
-                            f"tokens and max_tokens asks for {max_tokens} more ({longest + max_tokens} in all); "
-                            f"shorten the prompt or lower max_tokens", param="messages" if chat else "prompt",
-                       code="context_length_exceeded")
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
-    base = CHAT_DEFAULTS if chat else SamplingParams()  # for what the request leaves out
-
-    def given(name: str):
-        value = getattr(req, name)
-        return getattr(base, name) if value is None else value
-
-    try:
-        params = [SamplingParams(
-            max_tokens=max_tokens, temperature=given("temperature"), top_p=given("top_p") or 1e-9,
-            top_k=max(0, given("top_k")), min_p=req.min_p, presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty, repetition_penalty=given("repetition_penalty"),
-            seed=None if req.seed is None else (req.seed + j) % 2**64,
-            stop=(*stop, TOOL_CALL_CLOSE) if tools else stop) for j in range(req.n)]
-    except UserError as e:
-        raise invalid_value("sampling", str(e)) from None
-    return Job(chat, req, [p for p in prompts for _ in range(req.n)], params * len(prompts), tools, top, echo)
 
 
 class Generation:
@@ -445,8 +340,6 @@ def create_app(server: Server, ui_dir: Path | None = None):
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.requests import ClientDisconnect
 
-    from .tokenizer import ConversationError
-
     app = FastAPI(title="chatsmith", docs_url=None, redoc_url=None, openapi_url=None)
 
     def error_response(e: APIError, endpoint: str | None = None) -> JSONResponse:
@@ -498,7 +391,8 @@ def create_app(server: Server, ui_dir: Path | None = None):
         return await asyncio.get_running_loop().run_in_executor(server.workers, fn, *args)
 
     def prepare(raw: bytes, chat: bool) -> Job:
-        return build_job(server, parse_body(raw), chat)
+        return build_job(parse_body(raw), chat, server.tokenizer, server.engine.max_len, server.model_id,
+                         server.cfg.max_tokens)
 
     async def handle(request: Request, chat: bool, endpoint: str):
         arrived = time.monotonic()
@@ -612,31 +506,12 @@ def create_app(server: Server, ui_dir: Path | None = None):
             raise APIError(404, f"The model {model_id[:80]!r} does not exist", param="model", code="model_not_found")
         return model_card()
 
-    def count(raw: bytes) -> dict:
-        """vLLM's /tokenize: {"messages": [...]} (rendered as a chat prompt) or {"prompt": "..."} -> its tokens."""
-        body = parse_body(raw)
-        chat = "messages" in body
-        schema = ChatRequest if chat else CompletionRequest
-        try:
-            req = schema.model_validate({**body, "prompt": body.get("prompt", "")} if not chat else body)
-        except ValidationError as e:
-            raise invalid_body(e, schema) from None
-        if chat:
-            try:
-                ids = server.tokenizer.render_for_completion([m.turn() for m in req.messages])
-            except ConversationError as e:
-                raise invalid_value("messages", str(e)) from None
-        elif isinstance(req.prompt, str):
-            ids = server.tokenizer.encode(req.prompt, bos=True)
-        else:
-            raise invalid_value("prompt", "prompt must be a string")
-        return {"count": len(ids), "max_model_len": server.engine.max_len, "tokens": ids}
-
     @app.post("/tokenize")
     async def tokenize(request: Request):
         try:
             require_ready()
-            reply = await off_loop(count, await read_body(request))
+            raw = await read_body(request)
+            reply = await off_loop(lambda: tokenize_body(parse_body(raw), server.tokenizer, server.engine.max_len))
         except APIError as e:
             return error_response(e, "/tokenize")
         server.metrics.request("/tokenize", 200)
@@ -787,5 +662,5 @@ def serve_in_thread(server: Server, app=None, host: str = "127.0.0.1", port: int
     return uv, f"http://{host}:{sock.getsockname()[1]}"
 
 
-__all__ = ["WEB_TOOLS", "ServeConfig", "ServeStage", "Server", "build_job", "create_app", "load_into",
-           "load_or_fail", "main", "parse_body", "serve_in_thread"]
+__all__ = ["WEB_TOOLS", "ServeConfig", "ServeStage", "Server", "create_app", "load_into", "load_or_fail", "main",
+           "serve_in_thread"]

@@ -204,6 +204,45 @@ def test_api_key_guards_v1_but_not_health(real):
         real.server.api_key = ""
 
 
+def test_a_tiny_temperature_is_greedy(real):
+    """Regression: temperature 1e-300 was accepted and, in fp32, gave NaN probabilities: the last token id every time
+    (past the padded-vocabulary mask too)."""
+    kwargs = dict(model="tiny", messages=USER, max_tokens=8)
+    tiny = real.client.chat.completions.create(temperature=1e-300, seed=3, **kwargs)
+    greedy = real.client.chat.completions.create(temperature=0, **kwargs)
+    assert tiny.choices[0].message.content == greedy.choices[0].message.content
+    prompt = real.loaded.tokenizer.render_for_completion(USER)
+    assert greedy.choices[0].message.content == reference(real, prompt, max_tokens=8, temperature=0).text
+
+
+def test_tokenize_counts_the_chat_prompt_and_tools_run_the_calculator(real):
+    prompt = real.loaded.tokenizer.render_for_completion(USER)
+    r = httpx.post(real.url + "/tokenize", json={"messages": USER})
+    assert r.json() == {"count": len(prompt), "max_model_len": 128, "tokens": prompt}
+    assert [t["function"]["name"] for t in httpx.get(real.url + "/v1/tools").json()["data"]] == ["calculator"]
+    r = httpx.post(real.url + "/v1/tools/calculator", json={"arguments": '{"expression": "17 * 23"}'})
+    assert r.json() == {"content": "391"}
+    assert httpx.post(real.url + "/v1/tools/python", json={"arguments": {"code": "print(1)"}}).status_code == 404
+    card = real.client.models.retrieve("tiny").model_dump()
+    assert card["max_model_len"] == 128 and card["sampling_defaults"]["temperature"] == CHAT_DEFAULTS.temperature
+
+
+def test_serve_without_run_takes_the_newest_run_with_a_chat_model_and_says_which(tok, capfd):
+    """Regression: `chatsmith serve` with no --run took the most recently modified run even when it had no chat
+    model (a pretraining run started after the chat model was made)."""
+    save_run(tok, name="chatty")
+    time.sleep(0.05)
+    save_run(tok, name="pretraining", chat_dir=False)  # newer, base checkpoints only
+    server = Server(ServeConfig(slots=1, max_queue=0))
+    try:
+        load_into(server, LoadConfig(precision="fp32"))
+        assert server.model_id == "chatty"
+    finally:
+        server.stop()
+    err = capfd.readouterr().err
+    assert "serve: run chatty, chat model step_000005" in err
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # a scripted model: exact outputs, gates and delays
 
@@ -388,11 +427,10 @@ def test_eight_concurrent_streams_progress_together(tok, scripted):
     gate.set()
     for t in threads:
         t.join(timeout=20)
-    ttft = sorted(first[k] - sent[k] for k in range(8))
-    assert max(first.values()) < min(done.values())  # all had text before any finished: they ran together
-    assert ttft[-1] <= 2 * ttft[0]
-    # one at a time would take >= 8 x the decode of one stream; batched, the whole burst takes about one stream
-    assert max(done.values()) - min(sent.values()) < 0.05 + 3 * n_tokens * 0.01 + 1.0
+    # all had text before any finished: they ran together (one at a time, the first would finish before the last
+    # started). No wall-clock bound: the speed-up is measured by `chatsmith bench serve`, not asserted.
+    assert max(first.values()) < min(done.values())
+    assert len(done) == 8 and n_tokens > 8
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,15 +1,19 @@
 """The web chat against the REAL `chatsmith` server (its own UI at /), driven in headless Debian chromium by Playwright.
 
-    python -m pytest -q tests/test_ui_server.py     # about 15 s; the screenshot lands in artifacts/ui-real.png
+    python -m pytest -q tests/test_ui_server.py            # the screenshot lands in artifacts/ui-real.png
+    python -m pytest -q -m slow tests/test_ui_server.py    # also the cpu-shaped model (context 512)
 
 tests/test_ui.py checks the page in detail against a fake backend; this file checks that page and server fit together.
-A tiny random model is saved as a run in the test's CHATSMITH_HOME and loaded as `chatsmith serve` loads it
+Random models are saved as runs in the test's CHATSMITH_HOME and loaded as `chatsmith serve` loads them
 (`load_into`), then served by `serve_in_thread`. Choices:
 - Greedy decoding (temperature 0 set in the settings panel), so every reply the page stores is compared with the
-  engine's own decoding of the same conversation on a separately loaded copy of the model.
-- Each decode step of the served model is slowed by THROTTLE seconds (its `forward_cached` wrapped): unthrottled, this
-  model writes 200 tokens in about 0.3 s, too fast to watch the text grow or to press Stop mid-reply reliably on a
-  loaded 2-core machine. The text is still the model's.
+  engine's own decoding of the same conversation on a separately loaded copy of the model, with the server's chat
+  defaults for what the page leaves out.
+- The stop test's model is slowed by THROTTLE seconds per forward (its `forward_cached` wrapped), so the text can be
+  watched growing and Stop pressed mid-reply, and its end-of-turn logits are masked, so every reply runs to
+  max_tokens (with the chat defaults' repetition penalty the tiny random model ends most replies at once).
+- The cpu-shaped test (slow) uses the cpu preset's model shape with random weights: every reply runs to the end of
+  the 512-token context, the hardest case for the next prompt of a conversation.
 - Hostile output: a random model cannot be made to write HTML, so that test serves the scripted model of
   tests/test_server.py (one-hot logits that spell a fixed reply) through the same server and UI.
 
@@ -18,7 +22,9 @@ Skips (with the reason) when playwright, fastapi/uvicorn or chromium is missing.
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -30,15 +36,19 @@ from test_cli_chat import TEXT, save_run  # noqa: E402
 from test_server import ScriptedModel, metric  # noqa: E402
 from test_ui import browser, send  # noqa: E402, F401  (browser: the shared chromium fixture; skips without it)
 
+from chatsmith import checkpoint  # noqa: E402
+from chatsmith.bench import _randomize, bench_ref, bench_tokenizer  # noqa: E402
 from chatsmith.checkpoint import LoadConfig, load_model  # noqa: E402
-from chatsmith.engine import Engine, SamplingParams  # noqa: E402
+from chatsmith.common import run_dir  # noqa: E402
+from chatsmith.engine import CHAT_DEFAULTS, Engine  # noqa: E402
+from chatsmith.model import GPT  # noqa: E402
 from chatsmith.server import ServeConfig, Server, load_into, serve_in_thread  # noqa: E402
 from chatsmith.tokenizer import Tokenizer  # noqa: E402
 
 expect = sync_api.expect
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
-MAX_TOKENS = 200
-THROTTLE = 0.01  # seconds per forward of the served model: a 200-token reply takes >= 2 s
+MAX_TOKENS = 120
+THROTTLE = 0.01  # seconds per forward of the served model: a 120-token reply takes >= 1.2 s
 XSS = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script> **bold** [x](javascript:window.__xss=3)'
 BG = "getComputedStyle(document.body).backgroundColor"
 CONVERSATIONS = "JSON.parse(localStorage.getItem('chatsmith.conversations.v1'))"
@@ -91,7 +101,7 @@ def open_page(browser):  # noqa: F811 (the fixture imported from test_ui)
 
 
 def wait_idle(page) -> None:
-    expect(page.locator("#send")).to_be_visible(timeout=20_000)
+    expect(page.locator("#send")).to_be_visible(timeout=60_000)  # a busy 2-core machine can be very slow
     expect(page.locator(".msg.streaming")).to_have_count(0)
     expect(page.locator("#notice")).to_be_hidden()  # no error shown (e.g. a 400 from the server)
 
@@ -115,25 +125,35 @@ def watch_stream(page, seconds: float = 20.0) -> list[str]:
     return samples
 
 
+def never_ends(model, tok, throttle: float = 0.0) -> None:
+    """Mask the model's end-of-turn logits (so every reply runs to max_tokens, as a stop test needs: with the chat
+    defaults' repetition penalty this random model otherwise ends most replies after a few tokens), and sleep
+    `throttle` seconds before each forward."""
+    forward = model.forward_cached
+
+    def wrapped(*args, **kwargs):
+        time.sleep(throttle)
+        logits = forward(*args, **kwargs)
+        logits[..., [tok.special_id("<|im_end|>"), tok.bos_id]] = float("-inf")
+        return logits
+
+    model.forward_cached = wrapped
+
+
 def test_chat_stream_stop_reload_and_dark_mode_on_the_real_server(tok, serve, open_page):
     save_run(tok, name="tiny", seq_len=2048)  # re-encoded random replies are long
     server = Server(ServeConfig(slots=2, max_queue=2))
     load_into(server, LoadConfig(precision="fp32"))  # as `chatsmith serve` with no --run: the newest run (fp32, as the
     # reference below: auto precision may pick bf16 on this CPU)
-    forward = server.engine.model.forward_cached
-
-    def throttled(*args, **kwargs):
-        time.sleep(THROTTLE)
-        return forward(*args, **kwargs)
-
-    server.engine.model.forward_cached = throttled
+    never_ends(server.engine.model, server.tokenizer, THROTTLE)
     url = serve(server)
-    loaded = load_model(LoadConfig(run="tiny", precision="fp32"))  # the reference: an unthrottled copy of the same model
+    loaded = load_model(LoadConfig(run="tiny", precision="fp32"))  # the reference: an unthrottled copy of the model
+    never_ends(loaded.model, loaded.tokenizer)
     reference = Engine(loaded.model, loaded.tokenizer, slots=1)
 
-    def greedy(messages: list[dict]):
+    def greedy(messages: list[dict]):  # the page sends temperature and max_tokens; the rest is the server's default
         return reference.generate(loaded.tokenizer.render_for_completion(messages),
-                                  SamplingParams(max_tokens=MAX_TOKENS, temperature=0))
+                                  dataclasses.replace(CHAT_DEFAULTS, max_tokens=MAX_TOKENS, temperature=0))
 
     page = open_page(url, "tiny")
     page.click("#open-settings")
@@ -217,7 +237,7 @@ def test_hostile_model_output_from_the_real_server_renders_as_text(tok, serve, o
     assert tok.decode(ids) == XSS
     model = ScriptedModel(tok.vocab_size, lambda prompt: ids)
     server = Server(ServeConfig(slots=2, max_queue=2))
-    server.start(Engine(model, tok, slots=2, max_len=1024), tok, "scripted")  # room for the page's max_tokens 512
+    server.start(Engine(model, tok, slots=2, max_len=1024), tok, "scripted")
     url = serve(server)
     page = open_page(url, "scripted")
     send(page, "Say something nasty.")
@@ -233,3 +253,46 @@ def test_hostile_model_output_from_the_real_server_renders_as_text(tok, serve, o
     page.locator(".conv-title").first.click()
     expect(page.locator(".msg.assistant .body").last).to_contain_text("onerror=")
     assert page.evaluate("window.__xss") is None
+
+
+@pytest.mark.slow  # three replies of ~480 tokens from a 7.6M-parameter model, each also decoded by the reference
+def test_first_message_and_a_long_conversation_on_a_cpu_shaped_model(serve, open_page):
+    """Regression: on the cpu preset's model (context 512) the very first message got "Server error 400: ... the
+    prompt has 30 tokens and max_tokens asks for 512 more": the page sent max_tokens 512 whatever the context. Now
+    the page sends none (the server fits the reply into what the context leaves) and, as the conversation outgrows
+    the context, leaves out the oldest exchanges so that a reply keeps a quarter of it. Random weights (a trained
+    model is not hermetic): every reply runs to the end of the context, the hardest case for the next prompt."""
+    cfg = bench_ref().resolve()  # the cpu preset's shape: 4 layers, width 256, vocab 8192, context 512
+    model = GPT.build(cfg, device="cpu")
+    _randomize(model, 0)
+    tok = bench_tokenizer(cfg.vocab_size)
+    run = run_dir("cpu-shaped")
+    tok.save(run / "tokenizer")
+    checkpoint.save(run / "chat" / "checkpoints", 1, model.state_dict(), meta={"config": {"model": asdict(cfg)}},
+                    rng=False)
+    server = Server(ServeConfig(slots=2, max_queue=2))
+    load_into(server, LoadConfig(precision="fp32"))
+    assert server.engine.max_len == 512
+    url = serve(server)
+    loaded = load_model(LoadConfig(run="cpu-shaped", precision="fp32"))
+    reference = Engine(loaded.model, loaded.tokenizer, slots=1)
+
+    page = open_page(url, "cpu-shaped")
+    page.click("#open-settings")
+    page.fill("[name=temperature]", "0")  # greedy, so each reply is checked exactly; max tokens left empty
+    page.click("#settings button[value=close]")
+    for k, text in enumerate(["What is 17 * 23?", "Tell me more about it.", "And what comes next?"]):
+        send(page, text)
+        wait_idle(page)  # no notice: no 400
+        post = [r for r in page.requests if r[0] == "POST"][-1][2]
+        assert "max_tokens" not in post and post["temperature"] == 0
+        prompt = loaded.tokenizer.render_for_completion(post["messages"])
+        assert len(prompt) + 512 // 4 <= 512  # the reply had room for a quarter of the context
+        ref = reference.generate(prompt, dataclasses.replace(CHAT_DEFAULTS, temperature=0,
+                                                             max_tokens=min(512, 512 - len(prompt))))
+        stored = stored_messages(page)
+        assert len(stored) == 2 * (k + 1) and stored[-1] == {"role": "assistant", "content": ref.text}
+        if k:  # the first reply filled the context, so each later request leaves out what came before
+            assert post["messages"] == [{"role": "user", "content": text}]
+            expect(page.locator(".msg.assistant .note").last).to_contain_text("left out to fit the model's "
+                                                                              "512-token context")
