@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,21 +86,13 @@ def machine_info() -> dict[str, Any]:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal"):
                 memory = round(int(line.split()[1]) / 2**20, 1)  # kB -> GiB
-    gpus = []
-    if "torch" in sys.modules or _importable("torch"):
-        import torch
+    import torch
 
-        if torch.cuda.is_available():
-            gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    cuda = torch.cuda.is_available()
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
     flags = cpu_flags()
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": memory, "gpus": gpus,
             "cpu_flags": [f for f in SPEED_FLAGS if f in flags], "platform": platform.platform()}
-
-
-def _importable(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
 
 
 def _read(path: Path) -> Any:

@@ -6,13 +6,15 @@
 
 Stages: documents + tokenizer (`tokenizer train`) → token shards (`data prepare`) → pretraining (`pretrain`) →
 chat fine-tuning (`sft`, with reply checks) → evaluation of the base and the chat model (`eval`, `--eval-limit`
-items per task; skipped when chatsmith.evaluate is not installed) → the report card (`report`); then it prints where
-the report is and how to chat and serve. Each stage skips work already done in the run directory, so rerunning after
-an interruption continues where it stopped (pretraining and SFT resume from their latest checkpoints).
+items per task, replies up to `--eval-max-tokens`; the preset sizes both) → the report card (`report`); then it
+prints where the report is and how to chat and serve. Each stage skips work already done in the run directory, so
+rerunning after an interruption continues where it stopped (pretraining and SFT resume from their latest
+checkpoints).
 
 Wall seconds per stage go to `<run>/speedrun.json` (with the machine and the precision used), summed over reruns: a
 stage interrupted and resumed shows the time of both attempts. A stage that already finished with the same settings
-adds nothing when it is entered again (it only checks its outputs), so a rerun of a finished run changes no file.
+adds nothing when it is entered again (it only checks its outputs), so a rerun of a finished run leaves the times
+and the report as they were.
 
 Under torchrun, rank 0 alone trains the tokenizer and writes the shards while the others wait; training is data
 parallel; the reply checks, the evaluation and the report run on rank 0 while the others wait.
