@@ -61,3 +61,34 @@ def test_a_group_word_alone_or_with_help_lists_its_commands(capsys):
     assert main(["bench", "frobnicate"]) == 2
     err = capsys.readouterr().err
     assert "unknown command 'bench frobnicate'" in err and "bench train" in err and "pretrain" not in err
+
+
+def test_torch_is_a_range_in_the_package_and_pinned_in_the_install_commands():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    root = Path(__file__).parents[1]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_req = Requirement(next(d for d in deps if re.match(r"torch\b", d)))
+    pins = re.findall(r"torch==([\d.]+)", (root / "README.md").read_text() + (root / ".ci" / "run").read_text())
+    assert len(pins) >= 3 and len(set(pins)) == 1  # both README install lines and CI pin one version
+    assert all(spec.operator != "==" for spec in torch_req.specifier)  # a CUDA build of another version installs
+    assert torch_req.specifier.contains(pins[0]) and not torch_req.specifier.contains("3.0.0")
+
+
+def test_default_run_skips_slow_tests(tmp_path):
+    import os
+    from pathlib import Path
+
+    (tmp_path / "test_marks.py").write_text("import pytest\n\n\n@pytest.mark.slow\ndef test_slow():\n    pass\n\n\n"
+                                           "def test_fast():\n    pass\n")
+    ini = Path(__file__).parents[1] / "pyproject.toml"  # the project's own pytest settings (addopts, markers)
+    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}  # the settings alone decide; starts faster
+    out = subprocess.run([sys.executable, "-m", "pytest", "-c", str(ini), "--rootdir", str(tmp_path), "--co", "-q",
+                          "-p", "no:cacheprovider", str(tmp_path)], capture_output=True, text=True, timeout=120,
+                         env=env)
+    assert "test_marks.py::test_fast" in out.stdout and "test_slow" not in out.stdout, out.stdout
+    assert "1/2 tests collected (1 deselected)" in out.stdout, out.stdout
