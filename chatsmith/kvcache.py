@@ -108,10 +108,10 @@ class CachedStep:
         keys = self.cache.k[layer][self.rows, :, :self.S]  # (B, n_kv_head, S, D)
         values = self.cache.v[layer][self.rows, :, :self.S]
         gqa = keys.size(1) != q.size(1)
-        if self.mask is None:  # fresh prefill: S == T
-            return F.scaled_dot_product_attention(q, keys, values, is_causal=self.T > 1, enable_gqa=gqa)
         if self.T == 1 and self.start is not None:  # decode rows of one length: each sees all S keys
             return F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
+        if self.mask is None:  # fresh prefill: S == T
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, enable_gqa=gqa)
 
     def layer(self, i: int) -> LayerCache:
@@ -157,10 +157,14 @@ class InferenceWeights:
 
 
 def weights_key(model: torch.nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer of `model` is replaced or modified in place (its storage and version
-    counter): what cached weights and cached keys/values were computed from."""
-    return tuple((t.data_ptr(), 0 if t.is_inference() else t._version)
-                 for t in (*model.parameters(), *model.buffers()))
+    """Changes whenever a parameter or buffer of `model` is modified in place or moved (its version counter and
+    storage): what cached weights and cached keys/values were computed from. The tensor list is collected once
+    (walking the modules costs more than a decode step's Python work); `.to()` and load_state_dict keep the
+    Parameter objects and change their storage or version."""
+    tensors = model.__dict__.get("_weight_tensors")
+    if tensors is None:
+        tensors = model.__dict__["_weight_tensors"] = [*model.parameters(), *model.buffers()]
+    return tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors)
 
 
 def inference_weights(model) -> InferenceWeights:
@@ -193,11 +197,9 @@ def inference_weights(model) -> InferenceWeights:
     return weights
 
 
-def _normalize(x: torch.Tensor, eps: float, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """RMSNorm without its weight (folded into the next matmul), computed in fp32, returned in `dtype` (default
-    x's)."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))).to(dtype or x.dtype)
+def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension without its weight (folded into the next matmul), in x's dtype."""
+    return F.rms_norm(x, (x.size(-1),), None, eps)
 
 
 def forward_fused(model, idx: torch.Tensor, cache: KVCache, slots: list[int], last_only: bool) -> torch.Tensor:
@@ -213,12 +215,13 @@ def forward_fused(model, idx: torch.Tensor, cache: KVCache, slots: list[int], la
     else:
         cos, sin = w.cos[step.pos].view(B, T, 1, D), w.sin[step.pos].view(B, T, 1, D)  # (B, T, 1, D)
     x = F.embedding(idx, model.embed_tokens.weight)  # (B, T, C)
+    kv_dtype = cache.kv.dtype
     for i, bw in enumerate(w.blocks):
         qkv = F.linear(_normalize(x, eps), bw.qkv).view(B, T, H + 2 * K, D)  # (B, T, n_head + 2 n_kv_head, D)
-        qk = _normalize(qkv[:, :, :H + K], eps, torch.float32).mul_(bw.qk_norm)  # (B, T, n_head + n_kv_head, D) fp32
+        qk = _normalize(qkv[:, :, :H + K].float(), eps).mul_(bw.qk_norm)  # (B, T, n_head + n_kv_head, D) fp32
         qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)  # NEOX RoPE: y cos + rotate_half(y) sin
         step.write(i, qk[:, :, H:], qkv[:, :, H + K:])
-        y = step.attend(i, qk[:, :, :H].transpose(1, 2).to(cache.kv.dtype))  # (B, n_head, T, D)
+        y = step.attend(i, qk[:, :, :H].transpose(1, 2).to(kv_dtype))  # (B, n_head, T, D)
         x = x + F.linear(y.transpose(1, 2).reshape(B, T, H * D), bw.o)  # (B, T, C)
         gate, up = F.linear(_normalize(x, eps), bw.gate_up).chunk(2, dim=-1)  # (B, T, intermediate) each
         x = x + F.linear(F.silu(gate).mul_(up), bw.down)

@@ -17,7 +17,7 @@ from chatsmith.model import GPT
 from chatsmith.tokenizer import ALL_SPECIALS, N_SPECIAL
 
 TINY = dict(prompt_len=12, new_tokens=10, batch=3, warmup=1, repeats=2, depth=2, n_embd=64, head_dim=32,
-            vocab_size=512, threads=1)
+            vocab_size=512, threads=1, turns=3, turn_reply_tokens=5, join_streams=2, join_prompt_len=40, join_steps=4)
 
 
 @pytest.fixture(autouse=True)
@@ -49,6 +49,18 @@ def check_arithmetic(r: dict) -> None:
     assert math.isclose(r["batch_speedup_vs_single"], r["batch_tok_s"] / r["chatsmith_tok_s"])
     if "hf_transformers_tok_s" in r:
         assert math.isclose(r["speedup_vs_hf"], r["chatsmith_tok_s"] / r["hf_transformers_tok_s"])
+        assert math.isclose(r["cpu_speedup_vs_hf"], r["chatsmith_cpu_tok_s"] / r["hf_transformers_cpu_tok_s"])
+    assert math.isclose(r["speedup_vs_reference"], r["chatsmith_tok_s"] / r["reference_tok_s"])
+    for clock in ("turn", "turn_cpu"):  # the prefix cache's turn: a ratio of the two medians
+        assert math.isclose(r[f"{clock}_ttft_speedup"], r[f"{clock}_ttft_uncached_s"] / r[f"{clock}_ttft_cached_s"])
+    # the conversation's earlier turns are in the cache: only the last user turn (+ a partial block) is prefilled
+    assert 0 < r["turn_prompt_tokens"] - r["turn_cached_tokens"] < r["turn_prompt_tokens"] / 2
+    if r.get("join_streams"):
+        for key in ("join_chunked", "join_whole", "join_chunked_cpu", "join_whole_cpu"):
+            assert 0 < r[f"{key}_median_gap_s"] and r[f"{key}_gap_ratio"] > 0
+    # exactness of the new paths: the reference modules, the prefix cache and chunked prefill give the same tokens
+    assert r["reference_tokens_match"] is True and r["turn_tokens_match"] is True
+    assert r.get("join_tokens_match", True) is True
 
 
 def test_decode_json_and_hf_parity(capsys):
