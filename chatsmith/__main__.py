@@ -33,6 +33,9 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
              "bits per byte and benchmark accuracies (with 95 % intervals) of the run's base or chat model"),
     "bench train": ("chatsmith.bench.train", "main", "chatsmith.bench.train:TrainBench",
                     "training tokens/s and MFU beside HF transformers, JSON out"),
+    "bench quality": ("chatsmith.bench.quality", "main", "chatsmith.bench.quality:QualityBench",
+                      "wall time and tokens to a target val bpb: chatsmith's recipe beside HF transformers + AdamW "
+                      "(its lr swept), JSON out"),
     "bench data": ("chatsmith.bench.data", "main", "chatsmith.bench.data:DataBench",
                    "data prepare throughput in MB/s, JSON out"),
     "bench decode": ("chatsmith.bench.decode", "main", "chatsmith.bench.decode:DecodeBench",
