@@ -1,5 +1,6 @@
-"""bench decode: the JSON's fields and their arithmetic, greedy parity of the engine with HF transformers (and that
-the parity check does fail when the HF weights differ), the synthetic tokenizer, flags. Speed is never asserted.
+"""bench decode and bench train: the JSON's fields and their arithmetic, greedy parity of the engine with HF
+transformers (and that the parity check does fail when the HF weights differ), the synthetic tokenizer, flags; bench
+train's fused HF AdamW, stated peak and probed precision. Speed is never asserted.
 
     .venv/bin/pytest tests/test_bench.py -q
 """
@@ -117,27 +118,36 @@ def test_flags_and_errors():
         decode.main(decode.DecodeBench(decode.DecodeBenchConfig(**{**TINY, "new_tokens": 0})))
 
 
-def test_train_json_arithmetic_and_floor(capsys):
-    """bench train on bench-ref, one sequence per step: the reported rates follow from the step times, each
-    trainer's step memory is measured in a fresh process, and the
-    kernel floor runs exactly the model's matmuls (same FLOPs as a forward + backward of the model, counted by
-    torch's FlopCounterMode; neither count includes attention, which the counter does not see on CPU)."""
+def test_train_json_arithmetic_and_floor(capsys, monkeypatch):
+    """bench train on bench-ref, one sequence per step: the reported rates follow from the step times, MFU is against
+    the stated peak of the precision in use, the HF contender's AdamW is the fused one, and the kernel floor runs
+    exactly the model's matmuls (same FLOPs as a forward + backward of the model, counted by torch's
+    FlopCounterMode; neither count includes attention, which the counter does not see on CPU)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = train.TrainBench(train.TrainBenchConfig(batch=1, warmup=1, steps=2, precision="fp32", json=True))
+    adamw_kwargs = []
+    real_adamw = torch.optim.AdamW
+
+    def recording_adamw(*args, **kwargs):
+        adamw_kwargs.append(kwargs)
+        return real_adamw(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording_adamw)
+    cfg = train.TrainBench(train.TrainBenchConfig(batch=1, warmup=1, steps=2, precision="fp32", memory=False,
+                                                  json=True))
     r = train.main(cfg)
     assert json.loads(capsys.readouterr().out) == r
+    assert [k.get("fused") for k in adamw_kwargs] == [True] and r["hf_optimizer"] == "torch.optim.AdamW(fused=True)"
+    assert (r["precision"], r["precision_reason"], r["probe_bf16_flops"]) == ("fp32", "pinned", None)
+    assert r["peak_flops"] == r["peak_fp32_flops"] > 0 and "measured 2048^3 float32 matmul" in r["peak_source"]
     tokens = r["batch"] * r["seq_len"]
     for name in ("chatsmith", "hf_transformers", "kernel_floor"):
         assert r[f"{name}_step_s"] > 0
         assert math.isclose(r[f"{name}_tok_s"], tokens / r[f"{name}_step_s"])
-        assert math.isclose(r[f"{name}_mfu_fp32"], r["flops_per_token"] * r[f"{name}_tok_s"] / r["peak_fp32_flops"])
+        assert math.isclose(r[f"{name}_mfu"], r["flops_per_token"] * r[f"{name}_tok_s"] / r["peak_flops"])
     assert math.isclose(r["speedup_vs_hf"], r["chatsmith_tok_s"] / r["hf_transformers_tok_s"])
-    assert math.isclose(r["max_speedup_vs_hf"], r["kernel_floor_tok_s"] / r["hf_transformers_tok_s"])
-    # peak memory of each trainer's steps, measured in fresh processes (not asserted beyond being measured)
-    assert r["chatsmith_step_memory_mb"] > 0 and r["hf_transformers_step_memory_mb"] > 0
-    assert math.isclose(r["memory_ratio_hf_over_chatsmith"],
-                        r["hf_transformers_step_memory_mb"] / r["chatsmith_step_memory_mb"])
+    assert math.isclose(r["kernel_floor_speedup_vs_hf"], r["kernel_floor_tok_s"] / r["hf_transformers_tok_s"])
+    assert not any(k.endswith("_step_memory_mb") for k in r)
 
     model = GPT.build(bench.bench_ref().resolve())
     x = torch.randint(0, model.config.vocab_size, (1, model.config.seq_len))
@@ -146,3 +156,40 @@ def test_train_json_arithmetic_and_floor(capsys):
     with FlopCounterMode(display=False) as floor_count:
         train._kernel_floor(model, 1, None)(x, x)
     assert floor_count.get_total_flops() == model_count.get_total_flops() > 0
+
+
+def test_train_auto_precision_follows_the_probe(capsys, monkeypatch):
+    """--precision auto: the probe (faked: bf16 4x faster) decides at bench-ref's shapes; the JSON says so, with both
+    figures, and MFU is then against the bf16 peak."""
+    from chatsmith import common
+
+    calls = []
+
+    def fake_probe(shapes, device):
+        calls.append(shapes)
+        return {"bf16_flops": 4e11, "fp32_flops": 1e11}
+
+    monkeypatch.setattr(common, "precision_probe", fake_probe)
+    cfg = train.TrainBench(train.TrainBenchConfig(batch=1, warmup=0, steps=1, hf=False, floor=False, memory=False,
+                                                  json=True))
+    r = train.main(cfg)
+    capsys.readouterr()
+    mcfg = bench.bench_ref().resolve()
+    assert calls[0] == common.probe_shapes(mcfg, mcfg.seq_len)
+    assert (r["precision"], r["precision_reason"], r["probe_bf16_flops"], r["probe_fp32_flops"]) == (
+        "bf16", "measured", 4e11, 1e11)
+    assert r["peak_flops"] == r["peak_bf16_flops"] and "bfloat16" in r["peak_source"]
+    assert math.isclose(r["chatsmith_mfu"], r["flops_per_token"] * r["chatsmith_tok_s"] / r["peak_bf16_flops"])
+    assert not any(k.startswith(("hf_transformers_", "kernel_floor_")) for k in r)
+
+
+@pytest.mark.slow  # two fresh processes that each import torch + transformers and build both trainers
+def test_train_step_memory_in_fresh_processes(capsys):
+    """Peak memory of each trainer's steps, each measured in a fresh process (not asserted beyond being measured)."""
+    cfg = train.TrainBench(train.TrainBenchConfig(batch=1, warmup=0, steps=1, precision="fp32", floor=False,
+                                                  json=True))
+    r = train.main(cfg)
+    capsys.readouterr()
+    assert r["chatsmith_step_memory_mb"] > 0 and r["hf_transformers_step_memory_mb"] > 0
+    assert math.isclose(r["memory_ratio_hf_over_chatsmith"],
+                        r["hf_transformers_step_memory_mb"] / r["chatsmith_step_memory_mb"])
