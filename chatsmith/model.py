@@ -51,10 +51,11 @@ from .common import UserError
 from .kvcache import CachedStep, KVCache, LayerCache, forward_fused
 
 
-def _opt(default, help: str, min: float | None = None, max: float | None = None):
+def _opt(default, help: str, min: float | None = None, max: float | None = None, research: bool = False):
     """A field whose help and accepted range become its command-line flag (config.opt's metadata, without importing
-    config: the model module stands alone)."""
-    return field(default=default, metadata={"help": help, "min": min, "max": max})
+    config: the model module stands alone). `research=True` declares a feature Qwen3 runtimes lack: export refuses a
+    model that sets it to anything but the default (interop.check_exportable)."""
+    return field(default=default, metadata={"help": help, "min": min, "max": max, "research": research})
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ answers a chat request with the engine's own greedy reply, import -> export give
 import json
 import os
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import httpx
 import pytest
@@ -34,7 +34,7 @@ from chatsmith.interop import (
     load_source,
     research_flags,
 )
-from chatsmith.model import GPT, ModelConfig
+from chatsmith.model import GPT, ModelConfig, _opt
 from chatsmith.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -212,7 +212,7 @@ def test_export_card_reports_eval_results(tok, tmp_path):
 def test_export_refuses_research_flags():
     @dataclass(frozen=True)
     class Research(ModelConfig):
-        logit_softcap: float = field(default=0.0, metadata={"help": "fake research flag", "research": True})
+        logit_softcap: float = _opt(0.0, "a fake research flag, declared as model.py declares them", research=True)
 
     assert research_flags(ModelConfig()) == [] and research_flags(Research()) == []
     check_exportable(Research())
