@@ -18,6 +18,8 @@ Choices:
 - Special tokens occupy ids 0..15: `<|endoftext|>` (0: the document separator and BOS), `<|im_start|>`,
   `<|im_end|>` (ChatML), then `<|reserved_3|>`..`<|reserved_15|>` kept free so that later tokens (tool calls, ...)
   can be named without retraining. The 256 byte tokens and the merges follow; `vocab_size` counts all of them.
+  An imported tokenizer (`chatsmith import hf`, e.g. Qwen3's) keeps its own layout: its ChatML specials are found by
+  name, wherever they sit.
 - Plain-text encoding never produces a special id: the literal string "<|im_end|>" in user text is encoded as
   ordinary bytes (`encode_special_tokens = True` in `tokenizers`). Specials enter a sequence only as ids
   (`special_id`), which is how the chat template will insert them: a user cannot forge a turn boundary.
