@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import torch  # imported before the conftest fixtures run, so its thread cap applies here
+
 from chatsmith.__main__ import COMMANDS, main
 
 
@@ -92,3 +94,9 @@ def test_default_run_skips_slow_tests(tmp_path):
                          env=env)
     assert "test_marks.py::test_fast" in out.stdout and "test_slow" not in out.stdout, out.stdout
     assert "1/2 tests collected (1 deselected)" in out.stdout, out.stdout
+
+
+def test_each_test_runs_with_at_most_the_conftest_thread_count(torch_threads):
+    from conftest import TEST_THREADS
+
+    assert torch_threads is not None and torch.get_num_threads() == torch_threads <= TEST_THREADS
