@@ -272,7 +272,7 @@ class IncrementalDecoder:
 # ---------------------------------------------------------------------------------------------------------------------
 # chat template
 #
-# The one place that formats chat turns (DESIGN.md). A conversation renders as
+# The one place that formats chat turns: every module that renders a conversation calls these. It renders as
 #
 #     <|endoftext|><|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n
 #     <|im_start|>assistant\nHello!\n<tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call><|im_end|>\n
