@@ -381,3 +381,54 @@ def test_escape_attempts_in_a_chat_are_contained_and_the_chat_goes_on(monkeypatc
     assert reply.messages[-1] == {"role": "assistant", "content": "All contained."}
     assert [m["content"] for m in reply.messages if m["role"] == "tool"] == [line for _, _, line in attempts]
     assert secret not in "".join(r.stdout + r.stderr for r in results) and not outside.exists()
+
+
+def test_python_is_off_by_default_everywhere():
+    import inspect
+
+    from chatsmith import engine, sft, tools
+    from chatsmith.cli import ChatConfig
+    from chatsmith.server import ServeConfig, web_tools
+
+    assert ChatConfig().allow_python is False and ServeConfig().allow_python is False
+    assert web_tools(ServeConfig()) == ("calculator",)
+    assert web_tools(ServeConfig(allow_python=True)) == ("calculator", "python")
+    for function in (engine.chat, sft.chat_checks, tools.run_tool):
+        assert inspect.signature(function).parameters["allow_python"].default is False, function
+
+
+def python_chat(allow_python: bool) -> list[dict]:
+    """One reply whose model calls the python tool through engine.chat's default runner; the messages it added."""
+    from test_cli_chat import USER, call_text, scripted_engine
+
+    from chatsmith.engine import SamplingParams, chat
+    from chatsmith.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["print(6 * 7) python error the tool is off " * 50] * 10, 300, show_progress=False)
+    call = {"name": "python", "arguments": {"code": "print(6 * 7)"}}
+    turn = {"role": "assistant", "content": "", "tool_calls": [call]}
+    output = "42" if allow_python else tools_off_text()
+    engine = scripted_engine(tok, [(USER, call_text(**call)),
+                                   (USER + [turn, {"role": "tool", "content": output}], "Done.")])
+    return chat(engine, tok, USER, SamplingParams(temperature=0), allow_python=allow_python).messages
+
+
+def tools_off_text() -> str:
+    from chatsmith.tools import run_tool
+
+    return run_tool("python", {"code": "print(6 * 7)"})
+
+
+def test_chat_refuses_python_unless_allowed(monkeypatch):
+    ran = []
+    monkeypatch.setattr("chatsmith.tools.run_python", lambda code: ran.append(code))
+    messages = python_chat(allow_python=False)
+    assert messages[1]["content"].startswith("error: the python tool is off") and ran == []
+    assert messages[-1]["content"] == "Done."
+
+
+@needs_sandbox
+def test_chat_with_python_allowed_runs_it_in_the_sandbox():
+    messages = python_chat(allow_python=True)
+    assert [m["role"] for m in messages] == ["assistant", "tool", "assistant"]
+    assert messages[1]["content"] == "42" and messages[-1]["content"] == "Done."
