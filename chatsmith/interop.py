@@ -137,17 +137,14 @@ def chat_token_ids(tokenizer: Any, is_chat: bool) -> dict[str, int]:
     return {"bos": bos, "eos": eos, "pad": bos}
 
 
-def prepare_out(out: str, force: bool, kind: str) -> Path:
+def check_out(out: str, force: bool, kind: str) -> Path:
+    """The output path, checked before any work: named, and new unless --force (the old one is replaced only once
+    the new one is complete)."""
     if not out:
         raise UserError(f"name the output: chatsmith export {kind} [CKPT] OUT")
     path = Path(out).expanduser()
-    if path.exists() and (path.is_file() or any(path.iterdir())):
-        if not force:
-            raise UserError(f"{path} already exists; pass --force to replace it or choose another OUT")
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+    if path.exists() and (path.is_file() or any(path.iterdir())) and not force:
+        raise UserError(f"{path} already exists; pass --force to replace it or choose another OUT")
     return path
 
 
@@ -238,6 +235,8 @@ def export_hf(loaded: LoadedModel, out: Path, dtype: str = "fp32", max_shard_byt
         atomic_write_json(tmp / "special_tokens_map.json", {k + "_token": tok.id_bytes(i).decode("utf-8")
                                                              for k, i in ids.items()})
         atomic_write_text(tmp / "README.md", model_card(loaded, out.name))
+        if out.is_dir() and any(out.iterdir()):
+            shutil.rmtree(out)  # the caller allowed it (--force); the new directory is complete
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -318,7 +317,7 @@ def model_card(loaded: LoadedModel, name: str) -> str:
 
 def export_hf_main(cfg: ExportHFStage) -> None:
     source, out = split_positionals(cfg.export)
-    path = prepare_out(out, cfg.export.force, "hf")
+    path = check_out(out, cfg.export.force, "hf")
     loaded = load_source(source)
     export_hf(loaded, path, cfg.hf.dtype, cfg.hf.max_shard_mb * 10**6)
     log(f"export hf: wrote {path} ({'chat' if loaded.is_chat else 'base'} model {loaded.run.name}/"
@@ -329,7 +328,7 @@ def export_gguf_main(cfg: Any) -> None:  # cfg: interop_gguf.ExportGGUFStage
     from .interop_gguf import export_gguf, write_modelfile
 
     source, out = split_positionals(cfg.export)
-    path = prepare_out(out, cfg.export.force, "gguf")
+    path = check_out(out, cfg.export.force, "gguf")
     if path.suffix != ".gguf":
         raise UserError(f"name the GGUF file with a .gguf suffix, not {path.name!r}")
     loaded = load_source(source)

@@ -209,6 +209,19 @@ def test_export_card_reports_eval_results(tok, tmp_path):
     assert cli_main(["export", "hf", str(out), "--force"]) == 0  # one word = OUT; the newest run's chat model
 
 
+def test_export_base_model_ends_at_endoftext(tok, tmp_path):
+    cfg = ModelConfig(depth=1, n_embd=32, head_dim=16, seq_len=64).resolve(tok.vocab_size)
+    run = run_dir("base")
+    tok.save(run / "tokenizer")
+    checkpoint.save(run / "checkpoints", 3, GPT.build(cfg).state_dict(), meta={"config": {"model": asdict(cfg)}},
+                    rng=False)
+    assert cli_main(["export", "hf", "base", str(tmp_path / "b")]) == 0
+    tc = json.loads((tmp_path / "b" / "tokenizer_config.json").read_text())
+    gen = json.loads((tmp_path / "b" / "generation_config.json").read_text())
+    assert tc["eos_token"] == "<|endoftext|>" and gen["eos_token_id"] == 0
+    assert "base (pretrained) model" in (tmp_path / "b" / "README.md").read_text()
+
+
 def test_export_refuses_research_flags():
     @dataclass(frozen=True)
     class Research(ModelConfig):
@@ -384,5 +397,4 @@ def test_import_errors(tmp_path, monkeypatch, capsys):
     assert "architecture" in capsys.readouterr().err
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # here, offline: the hub code path runs and says so in one sentence
     assert cli_main(["import", "hf", "hf:Qwen/Qwen3-0.6B"]) == 2
-    err = capsys.readouterr().err
-    assert "could not download Qwen/Qwen3-0.6B" in err or "need huggingface_hub" in err
+    assert "could not download Qwen/Qwen3-0.6B from the Hugging Face hub" in capsys.readouterr().err
