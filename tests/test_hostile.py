@@ -93,7 +93,7 @@ def hostile(tok):
 
     def make(**cfg):
         model = FaultyModel(tok, make_script(tok), delay=0.002)
-        server = Server(ServeConfig(**{"slots": 4, "max_queue": 12, "body_timeout": 2.0, "timeout": 60,
+        server = Server(ServeConfig(**{"slots": 4, "max_queue": 40, "body_timeout": 2.0, "timeout": 60,
                                        "keepalive": 0.2, **cfg}), api_key=KEY)
         server.start(Engine(model, tok, slots=server.cfg.slots, max_len=512), tok, "scripted")
         uv, url = serve_in_thread(server)

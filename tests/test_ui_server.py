@@ -83,7 +83,7 @@ def open_page(browser):  # noqa: F811 (the fixture imported from test_ui)
 
     def _open(url: str, model_id: str):
         ctx = browser.new_context(viewport={"width": 1200, "height": 760}, color_scheme="light")
-        ctx.set_default_timeout(10_000)
+        ctx.set_default_timeout(20_000)  # a busy 2-core machine can be slow
         contexts.append(ctx)
         page = ctx.new_page()
         page.on("pageerror", lambda err: errors.append(err))
