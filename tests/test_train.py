@@ -102,7 +102,7 @@ def test_exact_resume_after_sigkill(prepared):
     assert losses(killed) == expected  # exact equality, per step
 
 
-def test_sigterm_checkpoints_at_step_boundary_and_resumes(prepared):
+def test_sigterm_checkpoints_at_step_boundary_and_resumes(prepared, monkeypatch):
     env = {**os.environ, "CHATSMITH_HOME": str(prepared)}
     run = clone_run(prepared, "termed")
     proc = subprocess.Popen(pretrain_cmd("termed", "--ckpt-every", "1000"), env=env, stdout=subprocess.DEVNULL,
@@ -116,6 +116,12 @@ def test_sigterm_checkpoints_at_step_boundary_and_resumes(prepared):
     done = len(losses(run))
     ckpts = checkpoint.list_checkpoints(run / "checkpoints")
     assert ckpts and ckpts[-1].name == f"step_{done:06d}", (ckpts, done, err)
+    before = losses(run)
+    monkeypatch.setenv("CHATSMITH_HOME", str(prepared))  # resume from that checkpoint, here, to the end
+    train.main(config.parse(config.PretrainStage, ["--preset", "smoke", "--run", "termed", *PRETRAIN,
+                                                   "--ckpt-every", "1000", "--resume"]))
+    after = losses(run)
+    assert [s for s, _ in after] == list(range(1, 25)) and after[:done] == before  # each step once, none redone
 
 
 def test_refuses_to_overwrite_without_resume(prepared, monkeypatch):
