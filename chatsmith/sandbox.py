@@ -133,7 +133,7 @@ def run_python(code: str, *, timeout_s: float = 10.0, memory_mb: int = 512, max_
             seconds = time.monotonic() - start
             out.join(), err.join()
             status = status_pipe.read()  # JSON documents; "child-pid" once the sandbox is set up
-    if b'"child-pid"' not in status:
+    if exited and b'"child-pid"' not in status:  # bwrap gave up before starting anything
         message = err.text().strip().splitlines()
         said = message[-1].removeprefix("bwrap: ") if message else f"exit status {returncode}"
         raise SandboxUnavailable(f"bubblewrap could not start the python sandbox ({said[:200]}); it needs bwrap "

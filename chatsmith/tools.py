@@ -279,7 +279,8 @@ TOOLS: Mapping[str, ToolSpec] = MappingProxyType({
     ),
     "python": ToolSpec(
         "python",
-        "Run a Python 3 program and get what it prints (10 s, 512 MB, no input; print the results you need).",
+        "Run a Python 3 program in a sandbox (no network, no files kept, 10 s, 512 MB, no input) and get what it "
+        "prints; print the results you need.",
         _object_schema({"code": {"type": "string", "description": "the program; print() what you want to see"}}),
         lambda args: run_python(args["code"]).format(),
     ),
