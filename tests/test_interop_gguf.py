@@ -17,7 +17,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from test_interop import CODE, EN, ZH, save_chat_run
+from test_interop import CODE, EN, ZH, qwen_dir, save_chat_run  # noqa: F401 (qwen_dir: a fixture)
 
 from chatsmith.__main__ import main as cli_main
 from chatsmith.engine import CHAT_DEFAULTS
@@ -203,3 +203,32 @@ def test_llama_cpp_logits_and_greedy_16_tokens(llama, run, tok):
             if len(theirs) == 16:
                 break
         assert theirs == ours, text
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_an_imported_qwen3(qwen_dir, tmp_path):  # noqa: F811 (the fixture imported above)
+    """Qwen's layout through llama.cpp: specials at the end of the vocabulary, <think> as an added token, tied (no
+    `output` tensor) or not, head_dim 32 beside width 64 / 4 heads."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from chatsmith.interop import import_hf
+
+    path, _, tie = qwen_dir
+    import_hf(str(path), "q")
+    loaded = load_source("q")
+    gguf_path = export_gguf(loaded, tmp_path / "q.gguf", "f32")
+    names = {t.name for t in gguf.GGUFReader(str(gguf_path)).tensors}
+    assert ("output.weight" in names) is not tie
+    llama = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=128, logits_all=True, type_k=0, type_v=0, n_threads=2,
+                            verbose=False)
+    tok = loaded.tokenizer
+    for text in [*TEXTS.values(), "<think>\nhm</think>"]:
+        assert llama.tokenize(text.encode("utf-8"), add_bos=False, special=False) == tok.encode(text)
+    for text in PROMPTS:
+        prompt = tok.encode(text, bos=True)
+        llama.reset()
+        theirs = []
+        for token in llama.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            theirs.append(token)
+            if len(theirs) == 16:
+                break
+        assert theirs == greedy(loaded.model, prompt, 16), text
