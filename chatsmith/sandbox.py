@@ -125,14 +125,16 @@ def run_python(code: str, *, timeout_s: float = 10.0, memory_mb: int = 512, max_
             raise
         finally:
             os.close(status_write)
-        with open(status_read, "rb") as status_pipe:
+        try:
             out, err = _Capture(proc.stdout, max_output_bytes), _Capture(proc.stderr, max_output_bytes)
             exited = _wait_unreaped(proc.pid, start + timeout_s)
             _kill_group(proc.pid)  # bwrap; --die-with-parent then kills the sandbox's pid 1, and with it every process
             returncode = proc.wait()
             seconds = time.monotonic() - start
             out.join(), err.join()
-            status = status_pipe.read()  # JSON documents; "child-pid" once the sandbox is set up
+            status = _read_written(status_read)  # JSON documents; "child-pid" once the sandbox is set up
+        finally:
+            os.close(status_read)
     if exited and b'"child-pid"' not in status:  # bwrap gave up before starting anything
         message = err.text().strip().splitlines()
         said = message[-1].removeprefix("bwrap: ") if message else f"exit status {returncode}"
@@ -150,6 +152,21 @@ def run_python(code: str, *, timeout_s: float = 10.0, memory_mb: int = 512, max_
         memory_exceeded=bool(memory_exceeded), truncated=out.truncated or err.truncated, seconds=seconds,
         timeout_s=timeout_s, memory_mb=memory_mb, max_output_bytes=max_output_bytes,
     )
+
+
+def _read_written(fd: int) -> bytes:
+    """What is in the pipe now, without waiting for its other end (bwrap's pid 1 may hold it a moment longer)."""
+    os.set_blocking(fd, False)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def check_sandbox() -> None:
