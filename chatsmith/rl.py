@@ -76,7 +76,7 @@ class RLConfig:
     group: int = opt(8, "replies sampled per question (GRPO's group; TRL's num_generations)", min=2, max=256)
     max_tokens: int = opt(64, "most tokens per reply round", min=1, max=65536)
     temperature: float = opt(1.0, "sampling temperature of the rollouts", min=0.05, max=10.0)
-    top_k: int = opt(0, "sample the rollouts from the k most likely tokens; 0 = off", min=0)
+    top_k: int = opt(0, "sample the rollouts from the k most likely tokens; 0 = off", min=0, max=2**24)
     tools: bool = opt(True, "let rollouts call the calculator (its output is masked out of the loss)")
     max_tool_calls: int = opt(2, "most tool calls in one reply", min=0, max=16)
     iterations: int = opt(1, "optimisation passes over each batch of rollouts (the clip matters from the second)",
