@@ -27,11 +27,11 @@ Checkpoints go to `<run>/rl/checkpoints` (weights, optimizer, RNG, step) and met
 (kind train: reward, pass@1, pass@k, reply tokens, tool calls, clip fraction, KL; kind eval: greedy accuracy on
 held-out questions). `chatsmith chat`, `serve` and `eval` load the newest RL model of a run before its SFT model.
 
-Tasks: `arithmetic` (reasoning-gym basic_arithmetic: two terms of 2-3 digits, + - *, the problems the calculator
-was taught on), `chain_sum` and `gsm_symbolic` (reasoning-gym, their default settings), `gsm8k` (gsm_symbolic
-questions scored by GSM8K's rule: the last number of the answer equals the reference), and `seven` (a toy: any reply
-that says 7 scores 1; for tests). Train and held-out questions are split by a hash of the question text, so they
-never overlap, whatever the seeds.
+Tasks: `arithmetic` and `chain_sum` (reasoning-gym, configured as `chatsmith eval`'s tasks of the same name, drawn
+from seeds far from the seeds evaluation reserves), `gsm_symbolic` (reasoning-gym, its default settings), `gsm8k`
+(gsm_symbolic questions scored by GSM8K's rule: the last number of the answer equals the reference), and `seven` (a
+toy: any reply that says 7 scores 1; for tests). Train and held-out questions are split by a hash of the question
+text, so they never overlap, whatever the seeds.
 """
 
 from __future__ import annotations
@@ -57,7 +57,6 @@ from .common import UserError, autocast_dtype, log, progress, run_dir
 from .config import opt
 
 TASKS = ("arithmetic", "chain_sum", "gsm_symbolic", "gsm8k", "seven")
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -125,15 +124,6 @@ def split_of(question: str) -> str:
     return "eval" if _hash_fraction(f"chatsmith-rl:{question}") < 0.2 else "train"
 
 
-def final_number(text: str) -> str | None:
-    """The last number in `text` (GSM8K's rule), with thousands separators and a trailing '.0' removed."""
-    found = _NUMBER.findall(text or "")
-    if not found:
-        return None
-    n = found[-1].replace(",", "")
-    return n[:-2] if n.endswith(".0") else n
-
-
 class Task:
     """A reward environment: `items(split, seed, n)` draws questions, `score(reply_text, item)` in [0, 1]."""
 
@@ -144,14 +134,14 @@ class Task:
 
     def _dataset(self, seed: int, size: int):
         from .common import require
+        from .tasks import arithmetic
 
-        require("reasoning_gym", "reasoning-gym", "for the RL tasks")
-        import reasoning_gym
-
-        if self.name == "arithmetic":
-            return reasoning_gym.create_dataset("basic_arithmetic", seed=seed, size=size, min_terms=2, max_terms=2,
-                                                min_digits=2, max_digits=3, operators=("+", "-", "*"),
-                                                allow_parentheses=False, allow_negation=False)
+        reasoning_gym = require("reasoning_gym", "reasoning-gym", "for the RL tasks")
+        if not (seed + size <= arithmetic.EVAL_SEED or seed >= arithmetic.EVAL_SEED + arithmetic.SIZE):
+            raise UserError(f"seed {seed} would draw the problems `chatsmith eval` keeps for evaluation; pick "
+                            f"another --seed")
+        if self.name in arithmetic.CONFIGS:
+            return arithmetic.dataset(self.name, size=size, seed=seed)
         return reasoning_gym.create_dataset("gsm_symbolic" if self.name == "gsm8k" else self.name, seed=seed,
                                             size=size)
 
@@ -182,14 +172,17 @@ class Task:
     def score(self, text: str, item: Item) -> float:
         if self.name == "seven":
             return 1.0 if re.search(r"(?<!\d)7(?!\d)", text or "") else 0.0
-        number = final_number(text)
+        from .tasks.arithmetic import CONFIGS
+        from .tasks.gsm8k import last_number, same_number
+
+        number = last_number(text or "")
         if number is None:
             return 0.0
         if self.name == "gsm8k" or item.entry is None:
-            return 1.0 if number == final_number(item.answer) else 0.0
+            return 1.0 if same_number(number, item.answer) else 0.0
         import reasoning_gym
 
-        name = "basic_arithmetic" if self.name == "arithmetic" else self.name
+        name = CONFIGS[self.name][0] if self.name in CONFIGS else self.name
         return float(reasoning_gym.get_score_answer_fn(name)(number, item.entry))
 
 
@@ -413,12 +406,13 @@ def main(cfg: RLStage) -> dict:
                         meta={"config": saved, "kind": "rl"}, keep_last=tc.keep_last)
 
     def score(messages: list[dict], reply, item: Item) -> tuple[float, float]:
-        """(reward, correctness in [0, 1]) of one reply."""
+        """(reward, solved: 1.0 when the scorer gives full marks, else 0.0) of one reply; the reward keeps the
+        scorer's partial credit (reasoning-gym's scorers give some)."""
         text = _reply_text(reply)
-        correct = (float(reward_fn([*messages, *reply.messages], item.answer)) if reward_fn is not None
-                   else task.score(text, item))
+        value = (float(reward_fn([*messages, *reply.messages], item.answer)) if reward_fn is not None
+                 else task.score(text, item))
         fmt = rl.format_weight if rl.format_weight and tool_format_ok(reply.messages) else 0.0
-        return correct + fmt, correct
+        return value + fmt, float(value >= 1.0)
 
     t_start = time.perf_counter()
     bar = progress(total=tc.steps, initial=step, desc="rl", unit="step")
@@ -464,7 +458,7 @@ def main(cfg: RLStage) -> dict:
             step += 1
             group_correct = correct.view(-1, rl.group)
             rec = {"reward": rewards.mean().item(), "pass@1": correct.mean().item(),
-                   f"pass@{rl.group}": (group_correct.max(dim=1).values >= 1.0).float().mean().item(),
+                   f"pass@{rl.group}": group_correct.max(dim=1).values.mean().item(),
                    "reply_tokens": sum(r.completion_tokens for r in replies) / len(replies),
                    "tool_calls": sum(r.tool_calls for r in replies) / len(replies),
                    "loss": loss_sum / rl.iterations, "clip_frac": clipped / (total * rl.iterations),

@@ -138,7 +138,7 @@ def test_tasks_split_train_and_eval_disjointly():
     assert rl.Task("arithmetic").score(f"So the result is {item.answer}.", item) == 1.0
     assert rl.Task("arithmetic").score("no idea", item) == 0.0
     assert rl.Task("gsm8k").score("It costs 1,234 dollars.", rl.Item("q", "1234")) == 1.0
-    assert rl.final_number("3 apples and 12.0 pears") == "12"
+    assert rl.Task("gsm8k").score("3 apples and 12.0 pears", rl.Item("q", "12")) == 1.0
 
 
 def test_custom_reward_and_its_errors(tmp_path, monkeypatch):
