@@ -154,8 +154,8 @@ def fewshot_shots(task: Task, item: MCItem, index: int, pool: Sequence[MCItem], 
 
 
 def _running(bar, correct: int, done: int) -> None:
+    bar.set_postfix(acc=f"{correct / max(1, done):.3f}", refresh=False)
     bar.update(done - bar.n)
-    bar.set_postfix(acc=f"{correct / max(1, done):.3f}")
 
 
 def score_mc_base(task: Task, items: Sequence[MCItem], loaded: LoadedModel, ec: EvalConfig,
