@@ -311,7 +311,7 @@ def test_missing_model_is_one_sentence(tok):
         main(stage("--run", "empty"))
     with pytest.raises(UserError, match="does not exist"):
         main(stage("--run", "nope"))
-    with pytest.raises(UserError, match="temperature must be >= 0"):  # checked before looking for a model
+    with pytest.raises(UserError, match="--temperature must be at least 0"):  # checked before looking for a model
         main(stage("--temperature", "-1"))
 
 
