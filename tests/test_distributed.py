@@ -10,6 +10,7 @@ in distributed.py is a no-op on one process.
 """
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -37,8 +38,8 @@ def torchrun(run, *extra):
 class TwoRanksInTurn:
     """The micro-batches of ranks 0 and 1 of a world of 2, alternately: one process, the same data as DDP."""
 
-    def __init__(self, shard_dir, batch, seq_len):
-        self.loaders = [PackingLoader(shard_dir, batch, seq_len, rank=r, world_size=2) for r in range(2)]
+    def __init__(self, shard_dir, batch, seq_len, seed):
+        self.loaders = [PackingLoader(shard_dir, batch, seq_len, rank=r, world_size=2, seed=seed) for r in range(2)]
         self.turn = 0
 
     def next_batch(self):
@@ -62,7 +63,7 @@ def reference_run(home, name):
     model = GPT.build(mcfg, device=device)
     train.fit(train.Job(
         name="pretrain", run=cfg.run, optim=cfg.optim, train=tc, saved_config=config.to_dict(cfg), out=run,
-        model=model, loader=TwoRanksInTurn(run / "shards" / "train", tc.device_batch, mcfg.seq_len),
+        model=model, loader=TwoRanksInTurn(run / "shards" / "train", tc.device_batch, mcfg.seq_len, cfg.run.seed),
         val_batches=lambda: iter_val_batches(run / "shards" / "val", tc.device_batch, mcfg.seq_len, tc.eval_tokens),
         samples=lambda m, seed: [], token_bytes=tok.token_bytes()))
     return run, model
@@ -119,7 +120,8 @@ def test_two_processes_stop_together_on_sigterm_and_resume_exactly(prepared):  #
     assert losses(run) == expected  # exact, per step
 
     one = subprocess.run([sys.executable, "-m", "chatsmith", "pretrain", "--preset", "smoke", "--run", "ddp_termed",
-                          *STEPS, "--steps", "9", "--resume"], env=env, capture_output=True, text=True, timeout=300)
+                          *STEPS, "--steps", "9", "--resume", "--allow-schedule-change"], env=env, capture_output=True,
+                         text=True, timeout=300)
     assert one.returncode == 2
     assert "written by 2 process(es)" in one.stderr and "Traceback" not in one.stderr
 
@@ -181,6 +183,11 @@ def test_speedrun_under_torchrun(tmp_path):
         assert steps == list(range(1, len(steps) + 1)) and steps[-1] == ck.step  # one writer: no duplicate lines
     assert (run / "chat" / "chat_checks.json").exists()
     assert out.stderr.count("speedrun done:") == 1  # rank 0 logs
+    stats = json.loads((run / "data_stats.json").read_text())  # what the context cost both stages' data
+    assert stats["pretrain"]["documents"] > 0 and stats["sft"]["conversations"] > 0
+    assert stats["sft"]["loader"]["dropped"] == stats["sft"]["longer_than_row"]
+    logged = "val conversations are longer than a row" in out.stderr
+    assert logged == bool(stats["sft"]["longer_than_row"] or stats["sft"]["val_longer_than_row"])
     chat = subprocess.run([sys.executable, "-m", "chatsmith", "chat", "--run", "ddp_sr", "-p", "Hi",
                            "--max-tokens", "4"], env=env, capture_output=True, text=True, timeout=120)
     assert chat.returncode == 0, chat.stderr[-2000:]
