@@ -382,8 +382,9 @@ function main() {
         skip = await fittingSkip(conv, skip);
         const body = requestBody(conv, skip);
         reply = { role: "assistant", content: "" };
-        if (skip) reply.note = `The ${skip} oldest exchange${skip > 1 ? "s were" : " was"} left out to fit the ` +
-          `model's ${state.maxLen || "limited"}-token context.`;
+        const left = skip ? `The ${skip} oldest exchange${skip > 1 ? "s were" : " was"} left out to fit the ` +
+          `model's ${state.maxLen || "limited"}-token context. ` : "";
+        if (left) reply.note = left.trim();
         conv.messages.push(reply);
         conv.updated = Date.now();
         persist();
@@ -410,7 +411,7 @@ function main() {
               c.function.name += part.function?.name ?? "";
               c.function.arguments += part.function?.arguments ?? "";
             }
-            if (finish === "length") reply.note = "Cut off at the max tokens limit (see Settings).";
+            if (finish === "length") reply.note = `${left}Cut off at the max tokens limit (see Settings).`;
             timer ??= setTimeout(paint, 30);
           }
         } catch (err) {
