@@ -114,6 +114,9 @@ class TrainConfig:
                                   "fp32, cached per machine; bf16 on CUDA >= sm80), bf16 or fp32",
                          choices=("auto", "bf16", "fp32"))
     compile: bool = opt(False, "torch.compile the model (pays off on long GPU runs; costs minutes on CPU)")
+    parallel: str = opt("ddp", "under torchrun: ddp (every rank holds the whole model and optimizer) or fsdp (FSDP2: "
+                               "parameters, gradients and optimizer state sharded over the ranks, for models that "
+                               "do not fit with ddp)", choices=("ddp", "fsdp"))
     threads: int = opt(0, "torch intra-op threads on CPU; 0 leaves torch's default", min=0, max=4096)
     resume: bool = opt(False, "continue the run from its latest valid checkpoint")
     allow_schedule_change: bool = opt(False, "with --resume: continue although --steps, the batch, --seed or the "

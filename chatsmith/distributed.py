@@ -86,23 +86,88 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, d: Dist, parallel: str = "ddp") -> torch.nn.Module:
     """DistributedDataParallel around `model` when there are several ranks; the model itself otherwise. The RoPE
-    buffers are computed identically everywhere, so they are not synced at every forward."""
+    buffers are computed identically everywhere, so they are not synced at every forward.
+
+    parallel="fsdp": FSDP2 in place instead (`fully_shard` on every block, then on the root, torchtitan's order), so
+    each rank keeps 1/world_size of every parameter, gradient and optimizer state as a DTensor shard; the returned
+    module is `model` itself. Build the optimizer after this call (it must see the sharded parameters). Mixed
+    precision on CUDA: bf16 parameters for compute, fp32 gradient reduction, fp32 master weights; on CPU (gloo)
+    everything stays fp32."""
     if not d.enabled:
         return model
+    if parallel == "fsdp":
+        return _fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [model_device.index] if (model_device := next(model.parameters()).device).type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
 
 
+def _fully_shard(model: torch.nn.Module) -> torch.nn.Module:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_cuda else \
+        MixedPrecisionPolicy()
+    for block in model.blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)  # the embedding, final norm and lm_head
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether `model` was wrapped by FSDP2 (then every rank must run every forward, collectively)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def no_sync(model: torch.nn.Module, skip: bool):
     """Within it, backward accumulates gradients locally without averaging them (all micro-batches of a step but the
-    last); a no-op for an unwrapped model or when `skip` is False."""
+    last); a no-op for an unwrapped model or when `skip` is False. Under FSDP2 gradients are reduce-scattered at
+    the last micro-batch only (set_requires_gradient_sync)."""
+    if is_sharded(model):
+        return _fsdp_sync(model, not skip)
     if skip and hasattr(model, "no_sync"):
         return model.no_sync()
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_sync(model, sync: bool):
+    model.set_requires_gradient_sync(sync)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def full_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model state dict, optimizer state dict) of whole tensors on the CPU, for checkpoint.save. Under FSDP2 a
+    collective (every rank calls it): the shards are gathered (torch.distributed.checkpoint.state_dict), the full
+    tensors land on rank 0 (empty dicts elsewhere), and the optimizer state is keyed by parameter name. Otherwise the
+    plain state dicts."""
+    if not is_sharded(model):
+        return model.state_dict(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, opt, options=options)
+
+
+def load_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+    """Load a full optimizer state dict (as `full_state` returned it) into `opt`; under FSDP2 each rank keeps its
+    shard of it."""
+    if not is_sharded(model):
+        opt.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
 
 
 def all_reduce(values: list[float], d: Dist) -> list[float]:

@@ -19,6 +19,10 @@ embeddings the one shared matrix takes `head_lr` (the head is the sensitive use)
 step: `lr_multiplier` (linear warmup, constant, linear warmdown to `final_lr_frac`) and `muon_momentum`
 (0.85 -> 0.95 over the first 300 steps).
 
+Under FSDP2 (`--parallel fsdp`) the parameters are DTensor shards: Muon gathers each matrix's update
+(`full_tensor()`, one all-gather per matrix), runs Newton-Schulz on the whole matrices on every rank (the same
+arithmetic everywhere) and keeps its own shard of the result; momentum buffers and AdamW state stay sharded.
+
 Speed: Newton-Schulz runs batched over same-shape matrices with bmm/baddbmm (one call per shape group instead of a
 per-matrix loop; faster on bench-ref, see `chatsmith bench train`); AdamW is torch's fused (or foreach) kernel
 through the functional `torch.optim.adamw.adamw`, so it equals torch.optim.AdamW bit for bit.
@@ -185,13 +189,31 @@ class MuonAdamW(torch.optim.Optimizer):
         m = group["momentum"]
         torch._foreach_lerp_(bufs, grads, 1 - m)  # buf = m * buf + (1 - m) * g
         updates = torch._foreach_lerp(grads, bufs, m)  # Nesterov: (1 - m) * g + m * buf
+        sharded = _is_dtensor(params[0])
+        if sharded:  # FSDP2: Newton-Schulz needs whole matrices: gather each (all-gather), keep this rank's shard
+            updates = [u.full_tensor() for u in updates]
         stacked = torch.stack(updates)  # (N, rows, cols)
-        ortho = newton_schulz(stacked, group["ns_steps"], self.ns_dtype).to(params[0].dtype)
+        ortho = newton_schulz(stacked, group["ns_steps"], self.ns_dtype).to(stacked.dtype)
+        ortho = list(ortho.unbind(0))
+        if sharded:  # every rank computed the same whole update: each takes its own shard, no communication
+            from torch.distributed.tensor import distribute_tensor
+
+            ortho = [distribute_tensor(o, p.device_mesh, p.placements, src_data_rank=None)
+                     for o, p in zip(ortho, params, strict=True)]
         rows, cols = params[0].shape
         lr = group["lr"]
         if group["weight_decay"]:
             torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-        torch._foreach_add_(params, list(ortho.unbind(0)), alpha=-lr * max(1.0, rows / cols) ** 0.5)
+        torch._foreach_add_(params, ortho, alpha=-lr * max(1.0, rows / cols) ** 0.5)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    """Whether `t` is a DTensor (a parameter sharded by FSDP2), without importing torch.distributed otherwise."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def build_optimizer(model: nn.Module, cfg) -> MuonAdamW:

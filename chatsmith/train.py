@@ -86,6 +86,8 @@ def evaluate(model: GPT, batches: Iterable, token_bytes: torch.Tensor, device: s
     scores every world_size-th batch and the sums are added up: the same numbers as one process."""
     was_training = model.training
     model.eval()
+    if distributed.is_sharded(model):  # FSDP2: every forward is collective, so every rank scores every batch
+        dist = distributed.Dist()
     nats, nbytes, ntokens = 0.0, 0, 0
     token_bytes = token_bytes.to(device)
     for i, (x, y) in enumerate(batches):
@@ -314,12 +316,17 @@ def fit(job: Job) -> dict:
     precision = choose_precision(device, tc.precision, probe_shapes(mcfg, tc.device_batch * mcfg.seq_len))
     dtype = precision.dtype
     dist = distributed.env()
-    opt = build_optimizer(model, job.optim)
     ck = job.resume
     step = 0
     if ck is not None:
-        model.load_state_dict(ck.model)
-        opt.load_state_dict(ck.optimizer)
+        model.load_state_dict(ck.model)  # whole tensors, before any sharding
+    if ck is not None and ck.meta.get("parallel", "ddp") != tc.parallel and dist.enabled:
+        raise UserError(f"the checkpoint {ck.path.name} was written with --parallel {ck.meta.get('parallel', 'ddp')};"
+                        f" resume it with the same --parallel")
+    step_model = distributed.wrap(model, dist, tc.parallel)  # DDP or FSDP2 under torchrun, the model itself otherwise
+    opt = build_optimizer(model, job.optim)  # after wrapping: under FSDP2 it must see the sharded parameters
+    if ck is not None:
+        distributed.load_optimizer(model, opt, ck.optimizer)
         loader_state, rng = ck.state["loader"], ck.rng
         ranks = ck.state.get("ranks", [{"loader": loader_state, "rng": rng}])  # one per process that wrote it
         if len(ranks) != dist.world_size:
@@ -330,7 +337,6 @@ def fit(job: Job) -> dict:
             checkpoint.restore_rng(ranks[dist.rank]["rng"])
         step = ck.step
         log(f"{job.name}: resuming run {job.run.run!r} from {ck.path.name} (step {step})")
-    step_model = distributed.wrap(model, dist)  # DDP under torchrun, the model itself otherwise
     step_model = torch.compile(step_model) if tc.compile else step_model
 
     per_rank = tc.device_batch * mcfg.seq_len * dist.world_size  # tokens of one micro-batch on every rank
@@ -356,9 +362,11 @@ def fit(job: Job) -> dict:
         state = {"loader": loader.state_dict()}
         if dist.enabled:  # every rank's place in its data and its RNG, for an exact resume with as many processes
             state["ranks"] = distributed.gather({"loader": state["loader"], "rng": checkpoint.capture_rng()}, dist)
-        checkpoint.save(ckroot, at, model.state_dict(), optimizer=opt.state_dict(), state=state,
+        model_state, opt_state = distributed.full_state(model, opt)  # under FSDP2 gathered (collective)
+        checkpoint.save(ckroot, at, model_state, optimizer=opt_state, state=state,
                         meta={"config": job.saved_config, "kind": job.name, "tokens": at * tokens_per_step,
-                              "world_size": dist.world_size, "schedule": schedule_of(job.run, tc, job.optim)},
+                              "world_size": dist.world_size, "parallel": tc.parallel,
+                              "schedule": schedule_of(job.run, tc, job.optim)},
                         keep_last=tc.keep_last)  # writes on rank 0 only
         if job.data_stats is not None:  # with what the packing cropped so far (rank 0's share)
             write_data_stats(run_dir(job.run.run), job.name,
@@ -371,7 +379,7 @@ def fit(job: Job) -> dict:
         return result["bpb"]
 
     def samples(at: int) -> None:
-        if not is_rank0():
+        if not is_rank0() and not distributed.is_sharded(model):  # FSDP2: every rank runs the forwards, 0 writes
             return
         for prompt, text in job.samples(model, job.run.seed):
             metrics.write(kind="sample", step=at, prompt=prompt, text=text)
