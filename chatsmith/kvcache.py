@@ -43,6 +43,7 @@ class KVCache:
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None):
         self.kv = torch.zeros((n_layer, slots, 2, n_kv_head, max_len, head_dim), device=device, dtype=dtype)
         self.k, self.v = self.kv[:, :, 0], self.kv[:, :, 1]
+        self.layers = [(self.k[i], self.v[i]) for i in range(n_layer)]  # per layer (slots, n_kv_head, max_len, D)
         self.lengths = [0] * slots
         self.max_len = max_len
 
@@ -93,7 +94,7 @@ class CachedStep:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the new keys and values k, v (B, T, n_kv_head, D) at their positions, in place."""
-        kc, vc = self.cache.k[layer], self.cache.v[layer]  # (slots, n_kv_head, max_len, D)
+        kc, vc = self.cache.layers[layer]  # (slots, n_kv_head, max_len, D)
         if self.contiguous and self.start is not None:
             t = slice(self.start, self.start + self.T)
             kc[self.rows, :, t] = k.transpose(1, 2)  # (B, n_kv_head, T, D)
@@ -105,8 +106,8 @@ class CachedStep:
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """q (B, n_head, T, D) against the slot's keys up to the new ones (written first) -> (B, n_head, T, D)."""
-        keys = self.cache.k[layer][self.rows, :, :self.S]  # (B, n_kv_head, S, D)
-        values = self.cache.v[layer][self.rows, :, :self.S]
+        kc, vc = self.cache.layers[layer]
+        keys, values = kc[self.rows, :, :self.S], vc[self.rows, :, :self.S]  # (B, n_kv_head, S, D) each
         gqa = keys.size(1) != q.size(1)
         if self.T == 1 and self.start is not None:  # decode rows of one length: each sees all S keys
             return F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
@@ -140,18 +141,20 @@ class LayerCache:
 
 @dataclass
 class _BlockWeights:
-    qkv: torch.Tensor  # (n_head * D + 2 * n_kv_head * D, C), attn_norm weight folded into the columns
+    # matrices as contiguous (in, out): transposed copies
+    qkv: torch.Tensor  # (C, n_head * D + 2 * n_kv_head * D): q | k | v, attn_norm weight folded into the rows
     qk_norm: torch.Tensor  # (n_head + n_kv_head, D) fp32: q_norm's weight per query head, then k_norm's
-    o: torch.Tensor  # (C, n_head * D)
-    gate_up: torch.Tensor  # (2 * intermediate, C), mlp_norm weight folded in
-    down: torch.Tensor  # (C, intermediate)
+    o: torch.Tensor  # (n_head * D, C)
+    gate_up: torch.Tensor  # (C, 2 * intermediate): gate | up, mlp_norm weight folded in
+    down: torch.Tensor  # (intermediate, C)
 
 
 @dataclass
 class InferenceWeights:
     key: tuple
+    autocast: bool  # the matrices are in the autocast dtype
     blocks: list[_BlockWeights]
-    head: torch.Tensor  # (vocab, C), final norm weight folded in
+    head: torch.Tensor  # (C, vocab), final norm weight folded in
     cos: torch.Tensor  # (rope_len, D) fp32: cos(pos * freq) over both halves
     sin: torch.Tensor  # (rope_len, D) fp32: -sin over the first half, sin over the second (rotate_half's sign)
 
@@ -177,8 +180,10 @@ def inference_weights(model) -> InferenceWeights:
         return cached
     with torch.no_grad(), torch.autocast(device, enabled=False):
         def mat(w: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:
+            """w.T contiguous (in, out), so x @ it is F.linear(x, w): a (1, C) row times a row-major (C, out) matrix
+            runs about twice as fast on CPU as against the transposed view (MKL, small shapes)."""
             w = w if norm is None else w * norm.to(w.dtype)  # W @ (xhat * g) == (W * g) @ xhat
-            return w.to(dtype) if dtype is not None else w
+            return (w.to(dtype) if dtype is not None else w).t().contiguous()
 
         blocks = []
         for b in model.blocks:
@@ -191,21 +196,31 @@ def inference_weights(model) -> InferenceWeights:
                                                     b.mlp_norm.weight),
                 down=mat(m.down_proj.weight)))
         cos, sin = model.rope_cos.float(), model.rope_sin.float()
-        weights = InferenceWeights(key, blocks, mat(model.head_weight(), model.norm.weight),
+        weights = InferenceWeights(key, dtype is not None, blocks, mat(model.head_weight(), model.norm.weight),
                                    torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1))
     model.__dict__["_inference_weights"] = weights  # a plain attribute: not a parameter, buffer or state_dict entry
     return weights
 
 
-def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dimension without its weight (folded into the next matmul), in x's dtype."""
-    return F.rms_norm(x, (x.size(-1),), None, eps)
+def _normalize(x: torch.Tensor, eps: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """RMSNorm over the last dimension without its weight (folded into the next matmul), computed in fp32, returned
+    in `dtype`. Written out: F.rms_norm dispatches about twice as many small ops, and a decode step is mostly small
+    ops."""
+    xf = x if x.dtype == torch.float32 else x.float()
+    y = xf * (xf * xf).sum(-1, keepdim=True).div_(x.size(-1)).add_(eps).rsqrt_()
+    return y if dtype == torch.float32 else y.to(dtype)
+
+
+def _residual(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, autocast: bool) -> torch.Tensor:
+    """x + y @ weight: one addmm, except under autocast, where addmm would round the fp32 residual stream."""
+    return x + torch.mm(y, weight) if autocast else torch.addmm(x, y, weight)
 
 
 def forward_fused(model, idx: torch.Tensor, cache: KVCache, slots: list[int], last_only: bool) -> torch.Tensor:
-    """GPT.forward_cached's fused path: idx (B, T) appended to `slots` -> logits (B, T or 1, vocab) fp32."""
+    """GPT.forward_cached's fused path: idx (B, T) appended to `slots` -> logits (B, T or 1, vocab) fp32. Rows are
+    kept 2-D (B * T, width) so that every projection is one mm on pre-transposed weights."""
     B, T = idx.shape
-    cfg = model.config
+    N, cfg = B * T, model.config
     H, K, D, eps = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.norm_eps
     step = CachedStep(cache, slots, T, idx.device)
     w = inference_weights(model)
@@ -214,18 +229,21 @@ def forward_fused(model, idx: torch.Tensor, cache: KVCache, slots: list[int], la
         sin = w.sin[step.start:step.start + T].view(1, T, 1, D)
     else:
         cos, sin = w.cos[step.pos].view(B, T, 1, D), w.sin[step.pos].view(B, T, 1, D)  # (B, T, 1, D)
-    x = F.embedding(idx, model.embed_tokens.weight)  # (B, T, C)
+    x = F.embedding(idx.view(N), model.embed_tokens.weight)  # (N, C)
     kv_dtype = cache.kv.dtype
     for i, bw in enumerate(w.blocks):
-        qkv = F.linear(_normalize(x, eps), bw.qkv).view(B, T, H + 2 * K, D)  # (B, T, n_head + 2 n_kv_head, D)
-        qk = _normalize(qkv[:, :, :H + K].float(), eps).mul_(bw.qk_norm)  # (B, T, n_head + n_kv_head, D) fp32
+        qkv = torch.mm(_normalize(x, eps, x.dtype), bw.qkv).view(B, T, H + 2 * K, D)  # (B, T, n_head + 2 n_kv_head, D)
+        qk = _normalize(qkv[:, :, :H + K], eps).mul_(bw.qk_norm)  # (B, T, n_head + n_kv_head, D) fp32
         qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)  # NEOX RoPE: y cos + rotate_half(y) sin
         step.write(i, qk[:, :, H:], qkv[:, :, H + K:])
-        y = step.attend(i, qk[:, :, :H].transpose(1, 2).to(kv_dtype))  # (B, n_head, T, D)
-        x = x + F.linear(y.transpose(1, 2).reshape(B, T, H * D), bw.o)  # (B, T, C)
-        gate, up = F.linear(_normalize(x, eps), bw.gate_up).chunk(2, dim=-1)  # (B, T, intermediate) each
-        x = x + F.linear(F.silu(gate).mul_(up), bw.down)
+        q = qk[:, :, :H].transpose(1, 2)  # (B, n_head, T, D)
+        y = step.attend(i, q if q.dtype == kv_dtype else q.to(kv_dtype))  # (B, n_head, T, D)
+        x = _residual(x, y.transpose(1, 2).reshape(N, H * D), bw.o, w.autocast)  # (N, C): x + attention out
+        gate_up = torch.mm(_normalize(x, eps, x.dtype), bw.gate_up)  # (N, 2 * intermediate)
+        gate, up = gate_up.chunk(2, dim=-1)
+        x = _residual(x, F.silu(gate).mul_(up), bw.down, w.autocast)
     step.advance()
-    if last_only:
-        x = x[:, -1:]  # (B, 1, C)
-    return F.linear(_normalize(x, eps), w.head).float()  # (B, T or 1, vocab)
+    if last_only and T > 1:
+        x = x.view(B, T, -1)[:, -1]  # (B, C)
+    logits = torch.mm(_normalize(x, eps, x.dtype), w.head).float()  # (B * (T or 1), vocab)
+    return logits.view(B, 1 if last_only else T, -1)
