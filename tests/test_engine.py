@@ -96,20 +96,21 @@ def run(engine: Engine, requests) -> None:
 # the KV cache against full recompute
 
 
-def test_cached_logits_match_full_forward(model):
+@pytest.mark.parametrize("fused", [True, False])  # the inference path and the training modules (reference)
+def test_cached_logits_match_full_forward(model, fused):
     torch.manual_seed(1)
     seqs = [torch.randint(0, 300, (n,)).tolist() for n in (9, 23, 16, 40)]
     cache = model.new_kv_cache(slots=4, max_len=64)
     with torch.no_grad():
         for slot, ids in enumerate(seqs):  # prefill all but the last 6 tokens; check every prefill position
             ref = model(torch.tensor([ids]))[0]
-            got = model.forward_cached(torch.tensor([ids[:-6]]), cache, [slot])[0]
+            got = model.forward_cached(torch.tensor([ids[:-6]]), cache, [slot], fused=fused)[0]
             assert (got - ref[:-6]).abs().max().item() <= 1e-4
         assert cache.lengths == [len(s) - 6 for s in seqs]
         for t in range(6):  # decode steps over slots of different lengths: a contiguous run, or gathered in any order
             for group in ([0, 1, 2, 3],) if t % 2 == 0 else ([3, 0, 2], [1]):
                 idx = torch.tensor([[seqs[s][cache.lengths[s]]] for s in group])  # (B, 1)
-                got = model.forward_cached(idx, cache, group)[:, -1]  # (B, vocab)
+                got = model.forward_cached(idx, cache, group, fused=fused)[:, -1]  # (B, vocab)
                 for row, s in enumerate(group):
                     ref = model(torch.tensor([seqs[s][:cache.lengths[s]]]))[0, -1]
                     assert (got[row] - ref).abs().max().item() <= 1e-4
@@ -155,6 +156,64 @@ def test_cache_too_long_for_rope_and_prompt_too_long(model, tok):
     result = engine.generate(list(range(20, 50)), SamplingParams(max_tokens=10, **GREEDY))
     assert result.finish_reason == "length" and len(result.token_ids) == 2  # prompt + output fill the 32 slots
     assert result.token_ids == greedy_reference(model, list(range(20, 50)), 2)
+
+
+def test_fused_weights_follow_in_place_updates(model):
+    """The fused path's weight copies are rebuilt when a parameter changes in place (an optimizer step)."""
+    ids = torch.tensor([[0, 20, 40, 60, 80]])
+    cache = model.new_kv_cache(slots=1, max_len=16)
+    before = model.forward_cached(ids, cache, [0])
+    with torch.no_grad():
+        model.blocks[1].mlp.down_proj.weight.mul_(-1.0)
+        try:
+            cache.reset(0)
+            after = model.forward_cached(ids, cache, [0])
+            assert (after - model(ids)).abs().max().item() <= 1e-4 and (after - before).abs().max().item() > 1e-2
+        finally:
+            model.blocks[1].mlp.down_proj.weight.mul_(-1.0)
+
+
+def test_chunked_prefill_keeps_streams_flowing_and_tokens_exact(model, tok, monkeypatch):
+    """A 90-token prompt joining a decoding stream is fed 16 tokens per step (the stream gets a token every step),
+    and both give the tokens of full recompute; with nothing decoding a prompt is prefilled in one forward."""
+    calls = []
+    forward = model.forward_cached
+
+    def recording(idx, cache, slots, **kwargs):
+        calls.append((tuple(slots), idx.size(1)))
+        return forward(idx, cache, slots, **kwargs)
+
+    monkeypatch.setattr(model, "forward_cached", recording)
+    engine = Engine(model, tok, slots=2, prefill_chunk=16)
+    running = engine.submit(prompts(1)[0], SamplingParams(max_tokens=20, **GREEDY))
+    engine.step()
+    long_prompt = torch.randint(16, 300, (90,), generator=torch.Generator().manual_seed(8)).tolist()
+    joiner = engine.submit(long_prompt, SamplingParams(max_tokens=6, **GREEDY))
+    lengths = []
+    while not joiner.token_ids:
+        engine.step()
+        lengths.append(len(running.token_ids))
+    assert [n for slots, n in calls if slots == (1,)] == [16] * 5 + [10]  # 90 tokens in six chunks
+    assert lengths == list(range(3, 3 + len(lengths))) and len(lengths) == 6  # one token per step meanwhile
+    run(engine, [running, joiner])
+    monkeypatch.undo()
+    assert running.result().token_ids == greedy_reference(model, prompts(1)[0], 20)
+    assert joiner.result().token_ids == greedy_reference(model, long_prompt, 6)
+    calls.clear()
+    monkeypatch.setattr(model, "forward_cached", recording)
+    alone = Engine(model, tok, slots=1, prefill_chunk=16, prefix_cache_tokens=0).generate(
+        long_prompt, SamplingParams(max_tokens=2, **GREEDY))
+    assert calls[0][1] == 90 and alone.token_ids == joiner.token_ids[:2]
+
+
+def test_auto_chunk_budget_follows_the_measured_step_times(model, tok):
+    engine = Engine(model, tok, slots=2)
+    assert engine._chunk_budget() == 16  # nothing measured yet: the smallest chunk
+    engine._decode_s, engine._prefill_token_s = 0.004, 0.0001  # a decode step costs as much as 40 prompt tokens
+    assert engine._chunk_budget() == 40
+    engine._prefill_token_s = 0.001
+    assert engine._chunk_budget() == 16
+    assert Engine(model, tok, slots=2, prefill_chunk=7)._chunk_budget() == 7
 
 
 # ---------------------------------------------------------------------------------------------------------------------
