@@ -14,15 +14,13 @@ RMSNorm and an untied lm_head. This is exactly HF transformers' `Qwen3ForCausalL
 tests/test_model.py), so `to_hf_state_dict()` + `hf_config_dict()` are all the export needs.
 
 Notable choices:
-Speed (bench-ref: 4 layers, width 256, 4 heads of 64, vocab 8192, batch 8 x 512, fp32, 2-core EPYC; this machine
-is noisy, so every number is a median of interleaved runs and only ratios are quoted). On this CPU a step is bound by
-matmuls and by memory traffic (a fresh 16 MB tensor costs page faults: alloc+mul runs at ~5 GB/s, an in-place mul at
-~40), so the tricks below remove whole intermediate tensors:
+Speed: on CPU a training step is bound by matmuls and by memory traffic (a fresh large tensor costs page faults; an
+in-place op does not), so the tricks below remove whole intermediate tensors (measured with `chatsmith bench train`):
 - `chunked_cross_entropy`: lm_head + loss in 512-row chunks, gradients made in the forward pass into reused buffers;
-  the (B*T, vocab) logits never exist. lm_head + loss fwd+bwd: 722 -> ~490 ms (the 3 matmuls alone are ~470).
-- RMSNorm with a hand-written backward (F.rms_norm's CPU backward is many small ops): fwd+bwd of the model 1.08x.
-- Per-head q/k norm + RoPE fused in one function writing straight into SDPA's (B, H, T, D) layout: 1.02-1.03x.
-- q, k, v made contiguous (B, H, T, D) for SDPA: the CPU flash kernel's forward runs 32 -> 17 ms per layer.
+  the (B*T, vocab) logits never exist.
+- RMSNorm with a hand-written backward (F.rms_norm's CPU backward is many small ops).
+- Per-head q/k norm + RoPE fused in one function writing straight into SDPA's (B, H, T, D) layout.
+- q, k, v made contiguous (B, H, T, D) for SDPA: the CPU flash kernel's forward is faster on it.
 - Tried and dropped (no gain beyond noise): one matmul for q, k, v (weights concatenated per call) or for gate/up;
   loss chunks of 256/1024/2048 rows; a Python block-causal attention instead of SDPA; oneDNN linear instead of MKL.
 - Parameters stay separate (q, k, v, gate, up) and named as in HF: the HF mapping is a rename and Muon
@@ -33,7 +31,9 @@ matmuls and by memory traffic (a fresh 16 MB tensor costs page faults: alloc+mul
   that the initial logits have unit scale.
 - Inference: `new_kv_cache(slots)` preallocates keys/values for a fixed number of sequence slots and
   `forward_cached(idx, cache, slots)` appends tokens to any subset of them, each at its own length (the engine's
-  continuous batching). The training path only gains an `is None` test per layer. RoPE tables cover
+  continuous batching, chunked prefill, restored prefixes). It runs the fused inference path of chatsmith/kvcache.py
+  (its own weight layout, rebuilt when a parameter changes); `fused=False` runs these modules block by block, the
+  reference it is tested against. The training path only gains an `is None` test per layer. RoPE tables cover
   `rope_factor * seq_len` positions, so a cache may be longer than seq_len.
 - No device, precision or distributed code: train.py applies autocast and wrapping from outside.
 """
@@ -115,7 +115,7 @@ class ModelConfig:
 
 class _RMSNormFunction(torch.autograd.Function):
     """RMSNorm with a hand-written backward: F.rms_norm's CPU backward is decomposed into many small ops; this one is
-    four passes. (8, 512, 256) fwd+bwd on 2 cores: 12.4 ms -> 2.6 ms; per-head (8, 512, 4, 64): 7.4 -> 2.5 ms."""
+    four passes."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -172,8 +172,7 @@ def head_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor, cos: torch.T
 class _HeadNormRoPE(torch.autograd.Function):
     """Per-head RMSNorm then NEOX RoPE, written straight into the (B, H, T, D) layout SDPA wants, with a hand-written
     backward. The norm weight is folded into four small (T, D/2) tables, so a call allocates the output and the
-    saved normalised input and nothing else (the autograd version allocates ~8 tensors of x's size each way).
-    bench-ref forward+backward of the whole model: 1.02-1.03x faster than norm, rotate_half and a contiguous copy."""
+    saved normalised input and nothing else (the autograd version allocates ~8 tensors of x's size each way)."""
 
     @staticmethod
     def forward(ctx, x, weight, cos, sin, eps):
@@ -332,8 +331,7 @@ def chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.
 
     The forward pass computes each chunk's logits, loss and (when grad is needed) the gradients for x and weight at
     once, so the backward pass is a scale; hence the reduction happens inside. With grad and reduction "none" the
-    caller's reduction is unknown, so that case takes the plain path. Measured on bench-ref (4096 x 256 -> 8192,
-    2 cores, fp32): fwd+bwd of lm_head + cross-entropy 722 ms as F.linear + F.cross_entropy, ~490 ms chunked.
+    caller's reduction is unknown, so that case takes the plain path.
     """
     acc = torch.promote_types(x.dtype, torch.float32)
     valid = (targets >= 0).to(acc)  # (N,)
