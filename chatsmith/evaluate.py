@@ -323,8 +323,28 @@ def _step_of(checkpoint: Path) -> int:
     return int(found.group(1)) if found else 0
 
 
-def result_path(run: Path, stage: str, step: int, suffix: str = ".json") -> Path:
-    return Path(run) / "eval" / f"{stage}_step{step:06d}{suffix}"
+def model_kind(checkpoint: Path, is_chat: bool) -> str:
+    """Which model a checkpoint is: "rl" (under rl/checkpoints), "sft" (any other chat model) or "base"."""
+    if not is_chat:
+        return "base"
+    return "rl" if Path(checkpoint).resolve().parent.parent.name == "rl" else "sft"
+
+
+def result_path(run: Path, stage: str, step: int, suffix: str = ".json", kind: str = "") -> Path:
+    """`eval/<stage>_stepNNNNNN.json`, or `eval/rl_stepNNNNNN.json` for an RL model (its steps count from 0 again)."""
+    return Path(run) / "eval" / f"{'rl' if kind == 'rl' else stage}_step{step:06d}{suffix}"
+
+
+def _merged(path: Path, checkpoint: str, results: dict) -> dict:
+    """`results` over the tasks an earlier result of the same checkpoint holds, so evaluating a few tasks again (or
+    new ones) never drops the others."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return results
+    if not isinstance(old, dict) or old.get("checkpoint") != checkpoint or not isinstance(old.get("tasks"), dict):
+        return results
+    return {**old["tasks"], **results}
 
 
 def main(cfg: EvalStage) -> dict:
@@ -352,11 +372,13 @@ def main(cfg: EvalStage) -> dict:
         log("eval: bits per byte " + ", ".join(f"{k} {v:.4f}" for k, v in bpb.items() if v is not None))
     elif ec.bpb:
         log(f"eval: no held-out shards in {shard_dir}; skipping bits per byte")
-    results = {task.name: run_task(task, loaded, ec) for task in chosen}
-    mc = [r["centered"] for t, r in zip(chosen, results.values()) if t.kind == "mc"]
+    kind = model_kind(loaded.checkpoint, loaded.is_chat)
+    path = result_path(loaded.run, ec.stage, step, kind=kind)
+    results = _merged(path, str(loaded.checkpoint), {task.name: run_task(task, loaded, ec) for task in chosen})
+    mc = [r["centered"] for name, r in results.items() if registry.get(name).kind == "mc"]
     every = [r["centered"] for r in results.values()]
     result = {
-        "stage": ec.stage, "step": step, "run": loaded.run.name, "checkpoint": str(loaded.checkpoint),
+        "stage": ec.stage, "model": kind, "step": step, "run": loaded.run.name, "checkpoint": str(loaded.checkpoint),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - t0, 2), "limit": ec.limit, "fewshot": ec.fewshot, "bpb": bpb,
         "tasks": results,
@@ -364,7 +386,6 @@ def main(cfg: EvalStage) -> dict:
         "chatcore": sum(every) / len(every) if ec.stage == "chat" and every else None,
     }
     if is_rank0():
-        path = result_path(loaded.run, ec.stage, step)
         atomic_write_json(path, result)
         table = markdown_table(result)
         atomic_write_text(path.with_suffix(".md"), table)

@@ -113,8 +113,8 @@ def _latest_meta(root: Path) -> dict | None:
 
 
 def eval_results(run: Path) -> dict[str, dict]:
-    """The newest evaluation result per stage ("base", "chat"), as evaluate.load_results reads them: the one with the
-    highest step, the newest of those."""
+    """The newest evaluation result per model ("base", "chat" after SFT, "rl" after RL), as evaluate.load_results
+    reads them: the one with the highest step, the newest of those."""
     from . import evaluate
 
     best: dict[str, dict] = {}
@@ -122,9 +122,10 @@ def eval_results(run: Path) -> dict[str, dict]:
         stage = res.get("stage")
         if stage not in evaluate.STAGES or not isinstance(res.get("tasks"), dict):
             continue
-        if stage not in best or res.get("step", 0) >= best[stage].get("step", 0):
-            path = evaluate.result_path(run, stage, res.get("step", 0))
-            best[stage] = {**res, "file": str(path.relative_to(run))}
+        key = "rl" if res.get("model") == "rl" else stage
+        if key not in best or res.get("step", 0) >= best[key].get("step", 0):
+            path = evaluate.result_path(run, stage, res.get("step", 0), kind=res.get("model", ""))
+            best[key] = {**res, "file": str(path.relative_to(run))}
     return best
 
 
@@ -461,6 +462,16 @@ def _eval_lines(results: dict[str, dict]) -> list[str]:
                   f"Above chance (the 95 % interval's lower end above chance): {', '.join(above) or 'none'}; "
                   f"{'CORE' if stage == 'base' else 'ChatCORE'}-like mean of centred scores {_f(mean)}.", ""]
         lines += _reference_lines(stage, tasks)
+    rl, chat = results.get("rl"), results.get("chat") or {}
+    if rl:  # the RL model beside the SFT model it started from, on the tasks both were evaluated on
+        lines += [f"### chat model after RL (`{rl['file']}`)", "", markdown_table(rl)]
+        for name, r in rl["tasks"].items():
+            before = chat.get("tasks", {}).get(name)
+            if before:
+                apart = r["ci95"][0] > before["ci95"][1] or r["ci95"][1] < before["ci95"][0]
+                lines.append(f"- {name}: {_f(before['score'], 3)} after SFT → {_f(r['score'], 3)} after RL "
+                             f"({'intervals apart' if apart else 'intervals overlap: no significant change'})")
+        lines.append("")
     return lines
 
 

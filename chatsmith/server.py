@@ -156,10 +156,12 @@ class Server:
         self._thread = threading.Thread(target=self._run_engine, name="chatsmith-engine", daemon=True)
         self._thread.start()
 
-    def fail(self, what: str, e: BaseException) -> None:
-        """Stop serving because `what` failed: the log gets the exception, clients only `what`."""
+    def fail(self, what: str, e: BaseException | None) -> None:
+        """Stop serving because `what` failed: the log gets the exception (None: the caller reports it), clients
+        only `what`."""
         self.error = f"{what}; the server log says why"
-        log(f"serve: {what}: {type(e).__name__}: {e}")
+        if e is not None:
+            log(f"serve: {what}: {type(e).__name__}: {e}")
 
     def _run_engine(self) -> None:
         try:
@@ -599,7 +601,7 @@ def load_or_fail(server: Server, load: LoadConfig) -> UserError | None:
     try:
         load_into(server, load)
     except UserError as e:
-        server.fail("no model to serve", e)
+        server.fail("no model to serve", None)  # the command ends with `e`: one sentence, said once
         return e
     except Exception as e:
         server.fail("loading the model failed", e)

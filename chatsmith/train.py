@@ -348,10 +348,11 @@ def fit(job: Job) -> dict:
     flops_per_token = model.flops_per_token()
     peak = matmul_peak_flops("bfloat16" if dtype is not None else "float32", device=device)
     metrics = MetricsLog(job.out / "metrics.jsonl", resume_step=step if ck is not None else None)
-    metrics.write(kind="precision", step=step, **precision.as_dict())  # the choice and the probe's FLOP/s
-    if job.data_stats is not None:
-        metrics.write(kind="data", step=step, **job.data_stats)
-        write_data_stats(run_dir(job.run.run), job.name, job.data_stats)
+    if step < tc.steps:  # a rerun of a finished run trains nothing, so it writes nothing either
+        metrics.write(kind="precision", step=step, **precision.as_dict())  # the choice and the probe's FLOP/s
+        if job.data_stats is not None:
+            metrics.write(kind="data", step=step, **job.data_stats)
+            write_data_stats(run_dir(job.run.run), job.name, job.data_stats)
     last_bpb = (read_metrics(job.out, "val") or [{}])[-1].get("val_bpb")
     log(f"{job.name}: {model.num_params() / 1e6:.2f}M params ({model.num_params(non_embedding=True) / 1e6:.2f}M "
         f"non-embedding), {flops_per_token / 1e6:.1f} MFLOPs/token; {tokens_per_step} tokens/step; "

@@ -315,3 +315,19 @@ def test_generation_judges_every_item_and_passes_errors_on(model, tok):
 
     with pytest.raises(ValueError, match="checker broke"):  # raised here, not lost in a worker thread (or a hang)
         list(evaluate.judge_replies(loaded, items, "base", 3, False, 2, broken))
+
+
+def test_a_later_eval_of_some_tasks_keeps_the_others_and_rl_results_have_their_own_file(tmp_path):
+    from chatsmith.common import atomic_write_json
+
+    run = tmp_path / "run"
+    sft_ck, rl_ck = run / "chat" / "checkpoints" / "step_000040", run / "rl" / "checkpoints" / "step_000040"
+    assert evaluate.model_kind(sft_ck, True) == "sft" and evaluate.model_kind(rl_ck, True) == "rl"
+    assert evaluate.model_kind(run / "checkpoints" / "step_000040", False) == "base"
+    sft_path, rl_path = (evaluate.result_path(run, "chat", 40, kind=k) for k in ("sft", "rl"))
+    assert sft_path.name == "chat_step000040.json" and rl_path.name == "rl_step000040.json"
+    atomic_write_json(sft_path, {"checkpoint": str(sft_ck), "tasks": {"mmlu": {"score": 0.3}, "gsm8k": {"score": 0}}})
+    merged = evaluate._merged(sft_path, str(sft_ck), {"gsm8k": {"score": 0.1}})
+    assert merged == {"mmlu": {"score": 0.3}, "gsm8k": {"score": 0.1}}  # re-run tasks replace, others stay
+    assert evaluate._merged(sft_path, str(rl_ck), {"gsm8k": {"score": 0.1}}) == {"gsm8k": {"score": 0.1}}
+    assert evaluate._merged(rl_path, str(rl_ck), {"gsm8k": {"score": 0.2}}) == {"gsm8k": {"score": 0.2}}
