@@ -21,6 +21,7 @@ from typing import Any
 
 from .common import UserError, atomic_write_json
 from .model import ModelConfig
+from .presets_gpu import GPU_PRESETS
 
 
 def opt(default, help: str, alias: str = "", *, min: float | None = None, max: float | None = None,
@@ -45,7 +46,8 @@ def opt(default, help: str, alias: str = "", *, min: float | None = None, max: f
 class RunConfig:
     run: str = opt("", "run name under $CHATSMITH_HOME/runs; default: the preset name (under torchrun write "
                        "--run-name: torchrun's own --run-path makes --run ambiguous to it)", alias="--run-name")
-    preset: str = opt("cpu", "preset: smoke (tests, seconds) or cpu (the CPU speedrun, minutes)")
+    preset: str = opt("cpu", "preset: smoke (tests, seconds), cpu (the CPU speedrun, minutes), gpu-d12 (one "
+                             "80 GB GPU) or gpu-d20 (one 8-GPU node)")
     seed: int = opt(1337, "random seed for everything (also the order of the training data)", min=0, max=2**32 - 1)
 
 
@@ -248,7 +250,7 @@ def preset_cpu() -> dict[str, dict[str, Any]]:
     }
 
 
-PRESETS = types.MappingProxyType({"smoke": preset_smoke, "cpu": preset_cpu})
+PRESETS = types.MappingProxyType({"smoke": preset_smoke, "cpu": preset_cpu, **GPU_PRESETS})  # GPU: presets_gpu.py
 
 
 # ---------------------------------------------------------------------------------------------------------------------
