@@ -40,6 +40,9 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                    "data prepare throughput in MB/s, JSON out"),
     "bench decode": ("chatsmith.bench.decode", "main", "chatsmith.bench.decode:DecodeBench",
                      "greedy decode tokens/s beside HF transformers generate, and 8 sequences batched, JSON out"),
+    "bench gpu": ("chatsmith.bench.gpu", "main", "chatsmith.bench.gpu:GpuBench",
+                  "the prepared device check: CUDA tests, a short gpu-d12 training run (tokens/s, MFU, peak memory), "
+                  "bench decode; JSON out"),
     "bench serve": ("chatsmith.bench.serve", "main", "chatsmith.bench.serve:ServeBench",
                     "server load test on loopback: errors, p50/p95 latency, batched vs sequential tokens/s, JSON out"),
     "report": ("chatsmith.report", "main", "chatsmith.report:ReportStage",
@@ -50,6 +53,10 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                     "write a GGUF file for llama.cpp and Ollama (--dtype f32|f16|bf16|q8_0, --ollama); [CKPT] OUT"),
     "import hf": ("chatsmith.interop", "import_hf_main", "chatsmith.interop:ImportHFStage",
                   "turn a local HF Qwen3 directory into a run for chat, serve, sft and eval; DIR [--run NAME]"),
+    "scale": ("chatsmith.scaling", "main", "chatsmith.scaling:ScaleStage",
+              "scaling ladder -> law fit -> prediction.json written before the target trains -> verify (resumable)"),
+    "scale predict": ("chatsmith.scaling", "predict_main", "chatsmith.scaling:PredictStage",
+                      "the run's fitted scaling law at --params N, with its interval and how far it extrapolates"),
     "speedrun": ("chatsmith.speedrun", "main", "chatsmith.config:SpeedrunStage",
                  "run every stage in order: tokenizer, data, pretrain, sft, samples"),
 }

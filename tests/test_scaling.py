@@ -1,0 +1,162 @@
+"""scaling.py: the law fit against known laws, the interval's coverage on synthetic ladders, prediction.json written
+before the target trains (a stand-in trainer records the order), `scale predict`, and the smoke ladder end to end."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from chatsmith import __main__ as cli
+from chatsmith import config, scaling
+
+
+def truth(n):
+    return scaling.law(np.log(n), np.array([np.log(1.8), np.log(40.0), 0.3]))
+
+
+def test_fit_recovers_known_law():
+    n = np.geomspace(1e5, 1.6e6, 5)
+    fit = scaling.fit_law(n, truth(n))
+    assert fit["E"] == pytest.approx(1.8, rel=1e-3)
+    assert fit["A"] == pytest.approx(40.0, rel=1e-2)
+    assert fit["alpha"] == pytest.approx(0.3, rel=1e-3)
+    noisy = truth(n) * np.exp(np.random.default_rng(0).normal(0, 5e-4, n.size))  # 0.05 % noise
+    fit = scaling.fit_law(n, noisy)
+    assert fit["E"] == pytest.approx(1.8, abs=0.1)
+    assert fit["alpha"] == pytest.approx(0.3, abs=0.06)
+    assert float(scaling.law(np.log(4e6), np.array(fit["p"]))) == pytest.approx(float(truth(4e6)), rel=3e-3)
+    power = scaling.fit_law(n, 5.0 * n ** -0.2, with_e=False)  # the baseline: a pure power law
+    assert power["A"] == pytest.approx(5.0, rel=1e-3) and power["alpha"] == pytest.approx(0.2, rel=1e-3)
+
+
+def test_chinchilla_form_recovers_known_law():
+    n = np.repeat(np.geomspace(1e5, 1.6e6, 5), 3)
+    d = n * np.tile([2.0, 8.0, 32.0], 5)
+    loss = 1.7 + 400.0 / n ** 0.34 + 900.0 / d ** 0.28
+    fit = scaling.fit_chinchilla(n, d, loss)
+    pred = fit["E"] + fit["A"] / 4e6 ** fit["alpha"] + fit["B"] / 8e6 ** fit["beta"]
+    assert pred == pytest.approx(1.7 + 400.0 / 4e6 ** 0.34 + 900.0 / 8e6 ** 0.28, rel=2e-3)
+    assert fit["alpha"] == pytest.approx(0.34, abs=0.05) and fit["beta"] == pytest.approx(0.28, abs=0.05)
+
+
+def test_interval_covers_truth_at_about_nominal_rate():
+    n = np.geomspace(1e5, 1.6e6, 5)
+    target = 4e6
+    rng = np.random.default_rng(0)
+    sd = 0.004  # seed noise, also in the one-seed target
+    hits, widths = 0, []
+    trials = 30
+    for t in range(trials):
+        seeds = [truth(x) + rng.normal(0, sd, 2) for x in n]
+        observed = float(truth(target)) + rng.normal(0, sd)
+        iv = scaling.interval(n, seeds, target, n_boot=40, level=0.9, rng=np.random.default_rng(t))
+        hits += iv["low"] <= observed <= iv["high"]
+        widths.append(iv["high"] - iv["low"])
+    assert 0.73 <= hits / trials <= 0.97, hits
+    assert np.median(widths) < 20 * sd  # informative, not a trivially wide interval
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the stage, with a stand-in trainer
+
+
+@pytest.fixture
+def fake_parent(chatsmith_home, monkeypatch):
+    """Run 'p' with tokenizer and shard index files, a 512-token vocabulary, and a trainer that writes the loss of a
+    known law instead of training (recording when each run starts)."""
+    from chatsmith import train
+    from chatsmith.common import run_dir
+    from chatsmith.tokenizer import Tokenizer
+
+    parent = chatsmith_home / "runs" / "p"
+    for path in (parent / "tokenizer" / "tokenizer.json", parent / "shards" / "train" / "index.json"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+    monkeypatch.setattr(Tokenizer, "load", staticmethod(lambda path: type("T", (), {"vocab_size": 512})()))
+    calls = []
+
+    def fake_main(cfg):
+        out = run_dir(cfg.run.run)  # under the scale run's CHATSMITH_HOME
+        pred = parent / "scale" / "prediction.json"
+        calls.append({"run": cfg.run.run, "at": time.time(), "prediction_exists": pred.exists(), "dir": str(out)})
+        mcfg = cfg.model.resolve(512)
+        n = 12 * mcfg.depth * mcfg.n_embd ** 2
+        loss = float(truth(n)) + 0.003 * (cfg.run.seed % 2 - 0.5)
+        (out / "metrics.jsonl").write_text(json.dumps({"kind": "val", "step": 1, "val_loss": loss,
+                                                       "val_bpb": loss / 2}) + "\n")
+        return {}
+
+    monkeypatch.setattr(train, "main", fake_main)
+    monkeypatch.setattr(scaling, "val_windows", lambda name, sc: {"se": 0.001, "count": 4})
+    return parent, calls
+
+
+def test_prediction_is_written_before_the_target_trains(fake_parent, capsys):
+    parent, calls = fake_parent
+    cfg = config.make(scaling.ScaleStage, {"run": {"preset": "smoke", "run": "p"}, "scale": {"bootstrap": 40}})
+    result = scaling.main(cfg)
+    names = [c["run"] for c in calls]
+    assert names[-1].startswith("target-") and len(names) == 4 * 2 + 1  # 4 rungs x 2 seeds, then the target
+    assert all(c["dir"].startswith(str(parent / "scale" / "runs")) for c in calls)
+    assert not any(c["prediction_exists"] for c in calls[:-1]) and calls[-1]["prediction_exists"]
+    pred = json.loads((parent / "scale" / "prediction.json").read_text())
+    assert pred["timestamp"] <= calls[-1]["at"]
+    assert {"value", "low", "high", "fit", "law", "timestamp", "git_sha", "target"} <= set(pred)
+    saved = json.loads((parent / "scale" / "scaling.json").read_text())
+    assert saved["verify"]["prediction_time"] < saved["verify"]["target_started_at"]
+    assert saved["verify"]["observed"] == pytest.approx(float(truth(pred["target"]["n"])) - 0.0015, rel=1e-6)
+    assert saved["verify"]["prediction"]["relative_error"] < 0.01  # the stand-in follows the law exactly
+    assert saved["verify"]["extrapolation"]["params"] > 1.5
+    assert (parent / "scale" / "scaling.png").stat().st_size > 0
+    # rerun: every rung and the target are done, nothing trains, the prediction is kept as it was
+    calls.clear()
+    scaling.main(cfg)
+    assert calls == []
+    assert json.loads((parent / "scale" / "prediction.json").read_text())["timestamp"] == pred["timestamp"]
+    assert result["verify"]["prediction"]["inside"] is not None
+
+    capsys.readouterr()
+    assert cli.main(["scale", "predict", "--run", "p", "--params", str(4 * pred["target"]["n"])]) == 0
+    out = capsys.readouterr().out
+    assert "beyond the largest fitted size" in out and "interval" in out
+    fitted = json.loads((parent / "scale" / "fit.json").read_text())
+    inside = scaling.predict_at(fitted, fitted["n"][1])
+    assert inside["extrapolation"] == 1.0 and inside["low"] <= inside["value"] <= inside["high"]
+
+
+def test_predict_without_a_fit_is_one_sentence(chatsmith_home, capsys):
+    assert cli.main(["scale", "predict", "--run", "nothing", "--params", "1e6"]) == 2
+    assert "no scaling fit yet" in capsys.readouterr().err
+
+
+def test_target_with_checkpoints_but_no_prediction_is_refused(tmp_path):
+    from chatsmith.common import UserError
+
+    ck = tmp_path / "runs" / "t" / "checkpoints" / "step_000001"
+    ck.mkdir(parents=True)
+    with pytest.raises(UserError, match="before its training"):
+        scaling.write_prediction(tmp_path, {"target": {"name": "t"}})
+
+
+@pytest.mark.slow
+def test_smoke_ladder_end_to_end(tmp_path, chatsmith_home):
+    """The real thing on a tiny corpus: tokenizer, shards, the smoke ladder, the target, scaling.json."""
+    from chatsmith import tokenizer
+    from chatsmith.data import shards
+
+    corpus = tmp_path / "corpus.jsonl"
+    words = "the model reads text and learns to predict the next token from many small examples".split()
+    rng = np.random.default_rng(0)
+    with open(corpus, "w") as f:
+        for _ in range(400):
+            f.write(json.dumps({"text": " ".join(rng.choice(words, 60))}) + "\n")
+    common = ["--preset", "smoke", "--run", "s", "--sources", f"local:{corpus}"]
+    tokenizer.train_main(config.parse(config.TokenizerStage, [*common, "--vocab-size", "300"]))
+    shards.main(config.parse(config.DataStage, common))
+    assert cli.main(["scale", "--preset", "smoke", "--run", "s", "--bootstrap", "40", "--threads", "1"]) == 0
+    saved = json.loads((chatsmith_home / "runs" / "s" / "scale" / "scaling.json").read_text())
+    assert len(saved["ladder"]) == 4 and all(len(r["losses"]) == 2 for r in saved["ladder"])
+    assert all(r["steps"] >= 12 and r["eval_se"] > 0 for r in saved["ladder"])
+    assert saved["prediction"]["timestamp"] < saved["verify"]["target_started_at"]
+    print(json.dumps(saved["verify"], indent=1))
