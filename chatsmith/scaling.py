@@ -156,22 +156,31 @@ def fit_chinchilla(n: np.ndarray, d: np.ndarray, loss: np.ndarray) -> dict:
     from scipy.optimize import minimize
 
     logn, logd, logl = np.log(n), np.log(d), np.log(loss)
+    cn, cd = float(logn.mean()), float(logd.mean())  # centred, as in fit_law
+    logn, logd = logn - cn, logd - cd
 
     def objective(q):
         e, a, al, b, be = q
-        pred = np.logaddexp(np.logaddexp(e, a - al * logn), b - be * logd)
-        return float(_huber(pred - logl).sum())
+        terms = np.stack([np.full_like(logn, e), a - al * logn, b - be * logd])  # (3, points)
+        pred = np.logaddexp.reduce(terms, axis=0)
+        r = pred - logl
+        psi = np.clip(r, -HUBER_DELTA, HUBER_DELTA)
+        w = np.exp(terms - pred)  # each term's share of the prediction
+        grad = [(psi * w[0]).sum(), (psi * w[1]).sum(), -(psi * w[1] * logn).sum(), (psi * w[2]).sum(),
+                -(psi * w[2] * logd).sum()]
+        return float(_huber(r).sum()), np.array(grad)
 
     best = None
-    for e in (-1.0, 0.0, 1.0):
-        for a in (0.0, 5.0, 10.0):
-            for b in (0.0, 5.0, 10.0):
+    for e in (-1.0, 0.5, 1.5):
+        for a in (0.0, 3.0):
+            for b in (0.0, 3.0):
                 for al in (0.2, 0.5):
-                    res = minimize(objective, [e, a, al, b, al], method="L-BFGS-B",
-                                   bounds=[(-12, 5), (-20, 60), (0, 3), (-20, 60), (0, 3)])
+                    res = minimize(objective, [e, a, al, b, al], jac=True, method="L-BFGS-B",
+                                   bounds=[(-12, 5), (-60, 60), (0, 3), (-60, 60), (0, 3)])
                     if best is None or res.fun < best.fun:
                         best = res
     e, a, al, b, be = best.x
+    a, b = a + al * cn, b + be * cd
     return {"E": float(np.exp(e)), "A": float(np.exp(a)), "alpha": float(al), "B": float(np.exp(b)),
             "beta": float(be), "objective": float(best.fun)}
 
