@@ -80,8 +80,9 @@ def fake_parent(chatsmith_home, monkeypatch):
         out = run_dir(cfg.run.run)  # under the scale run's CHATSMITH_HOME
         pred = parent / "scale" / "prediction.json"
         calls.append({"run": cfg.run.run, "at": time.time(), "prediction_exists": pred.exists(), "dir": str(out)})
-        mcfg = cfg.model.resolve(512)
-        n = 12 * mcfg.depth * mcfg.n_embd ** 2
+        mcfg = cfg.model
+        n = scaling.shape(mcfg.depth, scaling.ScaleConfig(aspect=mcfg.aspect, head_dim=mcfg.head_dim,
+                                                         seq_len=mcfg.seq_len), 512)["n"]
         loss = float(truth(n)) + 0.003 * (cfg.run.seed % 2 - 0.5)
         (out / "metrics.jsonl").write_text(json.dumps({"kind": "val", "step": 1, "val_loss": loss,
                                                        "val_bpb": loss / 2}) + "\n")
@@ -105,7 +106,7 @@ def test_prediction_is_written_before_the_target_trains(fake_parent, capsys):
     assert {"value", "low", "high", "fit", "law", "timestamp", "git_sha", "target"} <= set(pred)
     saved = json.loads((parent / "scale" / "scaling.json").read_text())
     assert saved["verify"]["prediction_time"] < saved["verify"]["target_started_at"]
-    assert saved["verify"]["observed"] == pytest.approx(float(truth(pred["target"]["n"])) - 0.0015, rel=1e-6)
+    assert saved["verify"]["observed"] == pytest.approx(float(truth(pred["target"]["n"])) + 0.0015, rel=1e-6)
     assert saved["verify"]["prediction"]["relative_error"] < 0.01  # the stand-in follows the law exactly
     assert saved["verify"]["extrapolation"]["params"] > 1.5
     assert (parent / "scale" / "scaling.png").stat().st_size > 0
