@@ -18,8 +18,12 @@ function here is a no-op, so train.py has one code path. What data parallelism m
   restarted with the same number of processes.
 - a stop request (Ctrl-C, SIGTERM) on any rank stops all of them at the same step boundary.
 
-The optimizer is replicated (each rank runs the whole Muon + AdamW step): at the sizes this trains on CPU, sharding
-it (ZeRO) would save little memory and cost a collective per parameter group.
+`--parallel fsdp` shards instead of replicating (FSDP2, `wrap`): every rank then runs every forward (validation and
+samples included), gradients are reduce-scattered, and a checkpoint gathers the full weights and optimizer state to
+rank 0 (`full_state`), so it is the same single safetensors file that one process loads.
+
+With ddp the optimizer is replicated (each rank runs the whole Muon + AdamW step): at the sizes this trains on CPU,
+sharding it (ZeRO) would save little memory and cost a collective per parameter group.
 
 On a small CPU, one process already keeps every core busy (MKL's threads), so torchrun pays off on GPUs and on
 machines with many cores; `chatsmith bench train` measures tokens/s on the machine at hand.

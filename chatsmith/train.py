@@ -61,6 +61,7 @@ from .common import (
 from .data.shards import PackingLoader, iter_val_batches
 from .model import GPT, ModelConfig
 from .optim import apply_schedules, build_optimizer
+from .presets_gpu import budget_note
 from .tokenizer import Tokenizer
 
 SAMPLE_PROMPTS = ("The capital of France is", "def fibonacci(n):", "人工智能是", "今天的天气")
@@ -475,6 +476,9 @@ def main(cfg: config.PretrainStage) -> dict:
         log(f"pretrain: {stats['longer_than_row']:,} of {stats['documents']:,} train documents are longer than a row "
             f"of {stats['row_tokens']} tokens; their {stats['tokens_beyond_row']:,} tokens beyond it "
             f"({stats['tokens_beyond_row'] / max(1, stats['tokens']):.1%} of the split) are {fate}")
+    note = budget_note(stats["tokens"], tc.steps, tc.batch_tokens or tc.device_batch * mcfg.seq_len * dist.world_size)
+    if note:  # e.g. a GPU preset on the offline pkg: corpora
+        log(f"pretrain: {note}")
 
     def samples(model: GPT, seed: int) -> list[tuple[str, str]]:
         return [(p, sample(model, tok, p, 32, device, seed=seed + i)) for i, p in enumerate(SAMPLE_PROMPTS)]
