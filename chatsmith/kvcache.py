@@ -216,6 +216,7 @@ def _residual(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, autocast: 
     return x + torch.mm(y, weight) if autocast else torch.addmm(x, y, weight)
 
 
+@torch.no_grad()  # inference only: the weight copies may come from an inference_mode caller, which autograd refuses
 def forward_fused(model, idx: torch.Tensor, cache: KVCache, slots: list[int], last_only: bool) -> torch.Tensor:
     """GPT.forward_cached's fused path: idx (B, T) appended to `slots` -> logits (B, T or 1, vocab) fp32. Rows are
     kept 2-D (B * T, width) so that every projection is one mm on pre-transposed weights."""
