@@ -9,7 +9,8 @@ What it does, in order, each part's result under its own key:
    depend on the data, and the device machine may have no corpus), bf16 autocast, Muon + AdamW, torch.compile
    unless --no-compile; tokens/s as the median over the timed steps after `warmup`, MFU against the GPU's
    datasheet dense bf16 peak (common.GPU_PEAK_TFLOPS), peak GPU memory beside presets_gpu.estimate's figure;
-3. `decode`: `chatsmith bench decode --json` in a subprocess (its JSON as is).
+3. `decode`: `chatsmith bench decode --json` in a subprocess, its JSON labelled with where it ran (bench decode
+   has no device choice yet and runs on the CPU: a CUDA decode figure is still open).
 Without a CUDA GPU it stops at once with one sentence (exit status 2).
 """
 
@@ -113,9 +114,10 @@ def train_run(b: GpuBenchConfig) -> dict:
 def decode_run() -> dict:
     out = subprocess.run([sys.executable, "-m", "chatsmith", "bench", "decode", "--json", "--hf", "false"],
                          capture_output=True, text=True, timeout=240)
+    where = "cpu: bench decode builds its model on the CPU (no --device flag yet), so this is not a CUDA figure"
     if out.returncode != 0:
-        return {"returncode": out.returncode, "stderr": out.stderr[-1000:]}
-    return json.loads(out.stdout)
+        return {"device": where, "returncode": out.returncode, "stderr": out.stderr[-1000:]}
+    return {"device": where, **json.loads(out.stdout)}
 
 
 def main(cfg: GpuBench) -> dict:
