@@ -88,7 +88,7 @@ class ScaleStage:
 
 @dataclass(frozen=True)
 class PredictConfig:
-    params: float = opt(0.0, "non-embedding parameters of the model to predict", min=1.0, max=1e15)
+    params: float = opt(0.0, "non-embedding parameters of the model to predict (required)", min=0.0, max=1e15)
 
 
 @dataclass(frozen=True)
@@ -521,6 +521,8 @@ def main(cfg: ScaleStage) -> dict:
 
 def predict_main(cfg: PredictStage) -> dict:
     """The fitted law at `--params N`, with its interval and how far outside the fitted range N lies."""
+    if cfg.predict.params < 1:
+        raise UserError("pass the size to predict for as --params N (non-embedding parameters, at least 1)")
     path = run_dir(cfg.run.run, create=False) / "scale" / "fit.json"
     if not path.exists():
         raise UserError(f"run {cfg.run.run!r} has no scaling fit yet; run `chatsmith scale --run {cfg.run.run} "
