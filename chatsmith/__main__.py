@@ -53,8 +53,9 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                     "write a GGUF file for llama.cpp and Ollama (--dtype f32|f16|bf16|q8_0, --ollama); [CKPT] OUT"),
     "import hf": ("chatsmith.interop", "import_hf_main", "chatsmith.interop:ImportHFStage",
                   "turn a local HF Qwen3 directory into a run for chat, serve, sft and eval; DIR [--run NAME]"),
-    "scale": ("chatsmith.scaling", "main", "chatsmith.scaling:ScaleStage",
-              "scaling ladder -> law fit -> prediction.json written before the target trains -> verify (resumable)"),
+    "scale run": ("chatsmith.scaling", "main", "chatsmith.scaling:ScaleStage",
+                  "scaling ladder -> law fit -> prediction.json written before the target trains -> verify "
+                  "(resumable)"),
     "scale predict": ("chatsmith.scaling", "predict_main", "chatsmith.scaling:PredictStage",
                       "the run's fitted scaling law at --params N, with its interval and how far it extrapolates"),
     "speedrun": ("chatsmith.speedrun", "main", "chatsmith.config:SpeedrunStage",

@@ -1,7 +1,7 @@
 """Predict before you train: a scaling-law ladder, a law fit, a prediction written before the target trains, its check.
 
-    chatsmith scale --preset cpu --run cpu          # ladder -> fit -> prediction.json -> train the target -> verify
-    chatsmith scale --preset cpu --run cpu --until fit   # stop after writing prediction.json
+    chatsmith scale run --preset cpu --run cpu      # ladder -> fit -> prediction.json -> train the target -> verify
+    chatsmith scale run --preset cpu --run cpu --until fit   # stop after writing prediction.json
     chatsmith scale predict --run cpu --params 5e6  # the fitted law at an untrained size, with its 90 % interval
 
 The parent run (`--run`) must hold a tokenizer and shards (`chatsmith speedrun`, or `tokenizer train` + `data
@@ -525,7 +525,7 @@ def predict_main(cfg: PredictStage) -> dict:
         raise UserError("pass the size to predict for as --params N (non-embedding parameters, at least 1)")
     path = run_dir(cfg.run.run, create=False) / "scale" / "fit.json"
     if not path.exists():
-        raise UserError(f"run {cfg.run.run!r} has no scaling fit yet; run `chatsmith scale --run {cfg.run.run} "
+        raise UserError(f"run {cfg.run.run!r} has no scaling fit yet; run `chatsmith scale run --run {cfg.run.run} "
                         f"--until fit` first")
     out = predict_at(read_json(path), cfg.predict.params)
     lo, hi = out["fitted_range"]

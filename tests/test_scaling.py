@@ -155,7 +155,7 @@ def test_smoke_ladder_end_to_end(tmp_path, chatsmith_home):
     common = ["--preset", "smoke", "--run", "s", "--sources", f"local:{corpus}"]
     tokenizer.train_main(config.parse(config.TokenizerStage, [*common, "--vocab-size", "300"]))
     shards.main(config.parse(config.DataStage, common))
-    assert cli.main(["scale", "--preset", "smoke", "--run", "s", "--bootstrap", "40", "--threads", "1"]) == 0
+    assert cli.main(["scale", "run", "--preset", "smoke", "--run", "s", "--bootstrap", "40", "--threads", "1"]) == 0
     saved = json.loads((chatsmith_home / "runs" / "s" / "scale" / "scaling.json").read_text())
     assert len(saved["ladder"]) == 4 and all(len(r["losses"]) == 2 for r in saved["ladder"])
     assert all(r["steps"] >= 12 and r["eval_se"] > 0 for r in saved["ladder"])
