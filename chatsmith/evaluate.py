@@ -375,7 +375,9 @@ def main(cfg: EvalStage) -> dict:
     kind = model_kind(loaded.checkpoint, loaded.is_chat)
     path = result_path(loaded.run, ec.stage, step, kind=kind)
     results = _merged(path, str(loaded.checkpoint), {task.name: run_task(task, loaded, ec) for task in chosen})
-    mc = [r["centered"] for name, r in results.items() if registry.get(name).kind == "mc"]
+    kinds = {t.name: t.kind for t in chosen}  # tasks kept from an earlier result: multiple choice scores acc(_norm)
+    mc = [r["centered"] for name, r in results.items()
+          if kinds.get(name, "mc" if r.get("metric") in ("acc", "acc_norm") else "gen") == "mc"]
     every = [r["centered"] for r in results.values()]
     result = {
         "stage": ec.stage, "model": kind, "step": step, "run": loaded.run.name, "checkpoint": str(loaded.checkpoint),

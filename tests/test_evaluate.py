@@ -272,9 +272,10 @@ def test_eval_main_writes_schema_and_tables(tiny_run, tmp_path):
     assert path.is_file() and (run / "eval" / "chat_step000003.md").is_file()
     saved = json.loads(path.read_text(encoding="utf-8"))
     assert saved == json.loads(json.dumps(base))
-    assert set(saved) == {"stage", "step", "run", "checkpoint", "created", "seconds", "limit", "fewshot", "bpb",
-                          "tasks", "core", "chatcore"}
+    assert set(saved) == {"stage", "model", "step", "run", "checkpoint", "created", "seconds", "limit", "fewshot",
+                          "bpb", "tasks", "core", "chatcore"}
     assert (saved["stage"], saved["step"], saved["run"], saved["limit"]) == ("base", 7, "tiny", 0)
+    assert (saved["model"], chat["model"]) == ("base", "sft")
     assert set(saved["bpb"]) == {"all", "en", "zh"} and saved["bpb"]["zh"] is not None
     planets = saved["tasks"]["local:planets"]
     assert set(planets) == {"n", "metric", "acc", "acc_norm", "score", "ci95", "chance", "centered"}

@@ -6,6 +6,7 @@ model built for real, valid non-blank PNG plots, and one line for every section 
 """
 
 import json
+import os
 import random
 import statistics
 
@@ -192,7 +193,10 @@ def test_report_command(fixture_run, chatsmith_home, capsys):
     assert capsys.readouterr().out.strip() == str(run / "report.md")
     assert cli.main(["report", "--run", "fx", "--no-tokenizer-eval"]) == 0
     assert capsys.readouterr().out.strip() == str(run / "report.md")
-    (chatsmith_home / "runs" / "newer").mkdir()
+    newer = chatsmith_home / "runs" / "newer"
+    newer.mkdir()
+    later = (run.stat().st_mtime + 10,) * 2  # directory times tick coarsely: make "newer" newer for certain
+    os.utime(newer, later)
     assert cli.main(["report"]) == 0  # the newest run
     assert capsys.readouterr().out.strip().endswith("newer/report.md")
     assert cli.main(["report", "missing-run"]) == 2
