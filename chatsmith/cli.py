@@ -19,11 +19,9 @@ Context: before each reply the oldest exchanges (a user message and the turns th
 prompt leaves room for `min(--max-tokens, context / 4)` tokens of reply; the system prompt is always kept, and a
 notice says how many were dropped. A message too long on its own is refused with a notice; nothing here crashes.
 
-Threads: decoding a small model is a chain of tiny matmuls, and on a busy 2-core machine a second intra-op thread
-mostly waits. Measured (bench-ref shape: 4 layers, width 256, vocab 8192, fp32; 2-core Xeon shared with a training
-run; one request, 60-token prompt, 64 sampled tokens, median of 3 interleaved runs): 196 tok/s on 1 thread against
-28 tok/s on 2. On the same machine idle, 2 threads beat 1 by ~1.2x (`chatsmith bench decode --threads 1|2`). So
-`--threads` defaults to 1, which degrades gracefully under load; raise it on an idle machine or for big models.
+Threads: decoding a small model is a chain of tiny matmuls, and on a busy machine a second intra-op thread mostly
+waits for the other core, so `--threads` defaults to 1, which degrades gracefully under load; raise it on an idle
+machine or for big models (`chatsmith bench decode --threads 1` and `--threads 2` measure the difference).
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ the kernel floor.
     chatsmith bench train --json                     # precision auto (the probe decides), both contenders in it
     chatsmith bench train --precision fp32 --json    # pin it
 
-Fair baselines: the HF contender steps torch.optim.AdamW with fused=True, the fastest torch has on CPU and CUDA
-(on bench-ref's 7.6M parameters on 2 busy cores: fused 70 ms per step, foreach 610 ms, the for-loop 516 ms; best of
-10 each). The kernel floor (the step's matmuls and attention alone) is a reference, not a bound: fused kernels, fewer
+Fair baselines: the HF contender steps torch.optim.AdamW with fused=True, the fastest of torch's AdamW
+implementations on CPU and CUDA (measured against foreach and the for-loop; the README's measured table has the
+figures). The kernel floor (the step's matmuls and attention alone) is a reference, not a bound: fused kernels, fewer
 FLOPs or another dtype can go below it. MFU is model FLOPs/s over a stated peak (`peak_source`): on CPU the measured
 peak of a large matmul in the contenders' dtype, on CUDA the datasheet dense peak (common.peak_flops), never a small
 matmul's speed.
