@@ -40,6 +40,24 @@ def bench_ref() -> ModelConfig:
                        vocab_size=8192, seq_len=512)
 
 
+def bench_ref_with(depth: int = 0, n_embd: int = 0, head_dim: int = 0, vocab_size: int = 0,
+                   seq_len: int = 0) -> ModelConfig:
+    """bench-ref, resolved, with the non-zero overrides (heads and MLP width then derived from width and head_dim)."""
+    import dataclasses
+
+    cfg = bench_ref()
+    if depth:
+        cfg = dataclasses.replace(cfg, depth=depth)
+    if n_embd or head_dim:
+        cfg = dataclasses.replace(cfg, n_embd=n_embd or cfg.n_embd, head_dim=head_dim or cfg.head_dim, n_head=0,
+                                  n_kv_head=0, intermediate_size=0)
+    if vocab_size:
+        cfg = dataclasses.replace(cfg, vocab_size=vocab_size)
+    if seq_len:
+        cfg = dataclasses.replace(cfg, seq_len=seq_len)
+    return cfg.resolve()
+
+
 
 def bench_tokenizer(vocab_size: int):
     """A byte-level BPE Tokenizer with exactly `vocab_size` ids, built without training: the specials, the 256 bytes,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from ..common import UserError
 from ..config import opt
 from ..model import ModelConfig
-from . import _randomize, bench_ref, bench_tokenizer, emit
+from . import _randomize, bench_ref, bench_ref_with, bench_tokenizer, emit
 
 # the user's side of the conversation in the turn benchmark (the assistant's side is what the engine generates)
 USER_TURNS = ("Hi! Could you help me plan a short trip this autumn, please?",
@@ -71,18 +71,8 @@ class DecodeBench:
 
 
 def _decode_model_config(b: DecodeBenchConfig) -> ModelConfig:
-    """bench-ref, or bench-ref with the overrides (heads and MLP width then derived from width and head_dim)."""
-    import dataclasses
-
-    cfg = bench_ref()
-    if b.depth:
-        cfg = dataclasses.replace(cfg, depth=b.depth)
-    if b.n_embd or b.head_dim:
-        cfg = dataclasses.replace(cfg, n_embd=b.n_embd or cfg.n_embd, head_dim=b.head_dim or cfg.head_dim, n_head=0,
-                                  n_kv_head=0, intermediate_size=0)
-    if b.vocab_size:
-        cfg = dataclasses.replace(cfg, vocab_size=b.vocab_size)
-    return cfg.resolve()
+    """bench-ref, or bench-ref with the flags' overrides."""
+    return bench_ref_with(depth=b.depth, n_embd=b.n_embd, head_dim=b.head_dim, vocab_size=b.vocab_size)
 
 
 def _first_match(a: list[int], c: list[int]) -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..common import UserError, log, progress, run_dir
 from ..config import opt
-from . import bench_ref, emit
+from . import bench_ref, bench_ref_with, emit
 
 DATA_RUN = "bench-quality"  # the run whose tokenizer and shards the benchmark builds when --run is not given
 
@@ -78,18 +78,8 @@ class QualityBench:
 
 
 def model_config(b: QualityBenchConfig):
-    """bench-ref, or bench-ref with the overrides (heads and MLP width then derived from width and head_dim)."""
-    import dataclasses
-
-    cfg = bench_ref()
-    if b.depth:
-        cfg = dataclasses.replace(cfg, depth=b.depth)
-    if b.n_embd or b.head_dim:
-        cfg = dataclasses.replace(cfg, n_embd=b.n_embd or cfg.n_embd, head_dim=b.head_dim or cfg.head_dim, n_head=0,
-                                  n_kv_head=0, intermediate_size=0)
-    if b.seq_len:
-        cfg = dataclasses.replace(cfg, seq_len=b.seq_len)
-    return cfg.resolve()
+    """bench-ref, or bench-ref with the flags' overrides."""
+    return bench_ref_with(depth=b.depth, n_embd=b.n_embd, head_dim=b.head_dim, seq_len=b.seq_len)
 
 
 def prepare_data(b: QualityBenchConfig) -> Path:
