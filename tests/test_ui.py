@@ -187,13 +187,15 @@ def open_page(browser, server):
     server.backend.requests.clear()
     server.backend.gate.clear()
 
-    def _open(**options):
+    def _open(routes=None, **options):
         options = {"viewport": {"width": 1200, "height": 760}, "color_scheme": "light", **options}
         ctx = browser.new_context(**options)
         ctx.set_default_timeout(20_000)  # a busy 2-core machine can be slow
         contexts.append(ctx)
         page = ctx.new_page()
         page.on("pageerror", lambda err: errors.append(err))
+        for pattern, handler in (routes or {}).items():  # set before the page loads
+            page.route(pattern, handler)
         page.goto(server.url)
         expect(page.locator("#model-badge")).to_have_text("fake-model")  # /v1/models answered
         return page
@@ -434,6 +436,19 @@ def test_defaults_are_the_servers_and_tools_are_sent(open_page, server):
     send(page, "again")
     wait_idle(page)
     assert server.backend.requests[-1]["body"]["max_tokens"] == CONTEXT - 1
+
+
+def test_a_message_sent_before_the_tool_list_arrived_waits_for_it(open_page, server):
+    """Regression: a first message typed while GET v1/tools was still in flight went out without tools."""
+    held = []  # the tool list's request, held back until released below
+    page = open_page(routes={"**/v1/tools": lambda route: held.append(route)})
+    send(page, "hi")
+    page.wait_for_timeout(300)
+    assert not any(r["body"].get("messages") for r in server.backend.requests)  # nothing sent while waiting
+    assert held, "the page never asked for v1/tools"
+    held[0].continue_()
+    wait_idle(page)
+    assert server.backend.requests[-1]["body"]["tools"] == [CALCULATOR]
 
 
 def test_a_tool_call_runs_on_the_server_and_the_reply_goes_on(open_page, server):

@@ -152,6 +152,7 @@ function main() {
     abort: null, // AbortController of the running generation
     maxLen: 0, // the model's context (max_model_len from v1/models); 0 = unknown
     tools: [], // tool definitions from v1/tools (empty when the server offers none)
+    listing: Promise.resolve(), // the model/tool list fetch in flight (never rejects)
   };
   const api = (path) => new URL(path, document.baseURI).href; // relative: works behind a path prefix too
 
@@ -378,6 +379,7 @@ function main() {
     setBusy(true);
     let skip = 0, calls = 0, reply = null, timer = null;
     try {
+      await state.listing; // a message sent before the model and tool lists arrived waits for them
       for (;;) {
         skip = await fittingSkip(conv, skip);
         const body = requestBody(conv, skip);
@@ -478,7 +480,12 @@ function main() {
     }
   }
 
-  async function loadModels() {
+  function loadModels() { // state.listing: the fetch of the model and tool lists, awaited before generating
+    state.listing = fetchListing();
+    return state.listing;
+  }
+
+  async function fetchListing() {
     const select = ui.form.elements.model;
     try {
       let res;
