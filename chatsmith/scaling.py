@@ -5,9 +5,9 @@
     chatsmith scale predict --run cpu --params 5e6  # the fitted law at an untrained size, with its 90 % interval
 
 The parent run (`--run`) must hold a tokenizer and shards (`chatsmith speedrun`, or `tokenizer train` + `data
-prepare`); everything goes to `<run>/scale/`: one run directory per rung under `<run>/scale/runs/<rung>/` (its
-`tokenizer` and `shards` are symlinks to the parent's, so train.main finds them where it always looks), `ladder.json`,
-`fit.json`, `prediction.json`, `scaling.json` and `scaling.png`.
+prepare`); everything goes to `<run>/scale/`: one run directory per rung under `<run>/scale/runs/<rung>/` (config,
+checkpoints, metrics; train.pretrain writes there and reads the parent's tokenizer and shards, which every rung
+shares), `ladder.json`, `fit.json`, `prediction.json`, `scaling.json` and `scaling.png`.
 
 1. ladder: models from one shape rule, the --depth dial (width = depth x aspect, heads = width / head_dim), depths
    chosen so that non-embedding parameters N (the blocks: neither the token embedding nor the untied head) about
@@ -16,7 +16,7 @@ prepare`); everything goes to `<run>/scale/`: one run directory per rung under `
    by gradient accumulation for larger rungs); the project's LR rule (optim.py's 1/sqrt(width) scaling of the AdamW
    rates, Muon's rate as is); `seeds` seeds per rung. Each rung records its val loss (nats/token) and bpb, the eval
    set's standard error (over held-out batches) and the seed spread. A finished rung is skipped; an interrupted one
-   resumes from its checkpoint (train.main with --resume).
+   resumes from its checkpoint (train.pretrain with --resume).
 2. fit: L(N) = E + A N^-alpha by a Huber loss (delta 1e-3) on log L, L-BFGS-B from a grid of starting points
    (Hoffmann et al. 2022), N without and with embeddings; the compute form L(C), C = training FLOPs; the Chinchilla
    form L(N, D) = E + A/N^a + B/D^b only when the ladder's D/N varies (one fixed line does not identify it). The 90 %
@@ -28,17 +28,15 @@ prepare`); everything goes to `<run>/scale/`: one run directory per rung under `
    inside-interval, the extrapolation factors in N and C, and the same errors for two baselines (a pure power law
    without E; "same as the largest rung").
 
-Notable choices: rung runs live under the scale run by pointing CHATSMITH_HOME at `<run>/scale` while train.main runs
-(train.main takes only a run name; a hook for an output directory would make this unnecessary). Losses are nats per
-token (one tokenizer for all rungs); bpb is reported beside them.
+Notable choices: rung runs live inside the scale run, not beside it under $CHATSMITH_HOME/runs (they are one
+experiment, deleted or copied together). Losses are nats per token (one tokenizer for all rungs); bpb is reported
+beside them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +114,7 @@ def fit_law(n: np.ndarray, loss: np.ndarray, inits: list | None = None, with_e: 
     """Fit L(N) = E + A N^-alpha (or A N^-alpha without E) by a Huber loss on log L, L-BFGS-B from each start of a
     grid (or `inits`), keeping the best; returns {"E", "A", "alpha", "p", "objective"}."""
     from scipy.optimize import minimize
+    from threadpoolctl import threadpool_limits
 
     logn, logl = np.log(np.asarray(n, float)), np.log(np.asarray(loss, float))
     c = float(logn.mean())  # fitted as log A' = log A - alpha c on centred log N: far better conditioned
@@ -137,14 +136,15 @@ def fit_law(n: np.ndarray, loss: np.ndarray, inits: list | None = None, with_e: 
         inits = grid if with_e else [(a, al) for a in (0.0, 3.0, 8.0) for al in (0.05, 0.3, 1.0)]
     bounds = [(-12.0, 5.0), (-60.0, 60.0), (0.0, 3.0)] if with_e else [(-60.0, 60.0), (0.0, 3.0)]
     best = None
-    for q0 in inits:
-        q0 = np.asarray(q0, float)[-len(bounds):].copy()
-        q0[-2] -= q0[-1] * c
-        res = minimize(objective, q0, jac=True, method="L-BFGS-B", bounds=bounds)
-        if best is None or res.fun < best.fun:
-            best = res
-        if best.fun < 1e-14:
-            break
+    with threadpool_limits(1, user_api="blas"):  # 3-vectors: BLAS threads only add their synchronisation
+        for q0 in inits:
+            q0 = np.asarray(q0, float)[-len(bounds):].copy()
+            q0[-2] -= q0[-1] * c
+            res = minimize(objective, q0, jac=True, method="L-BFGS-B", bounds=bounds)
+            if best is None or res.fun < best.fun:
+                best = res
+            if best.fun < 1e-14:
+                break
     p = best.x.copy() if with_e else np.array([-np.inf, *best.x])
     p[1] += p[2] * c
     return {"E": float(np.exp(p[0])), "A": float(np.exp(p[1])), "alpha": float(p[2]), "p": [float(v) for v in p],
@@ -154,6 +154,7 @@ def fit_law(n: np.ndarray, loss: np.ndarray, inits: list | None = None, with_e: 
 def fit_chinchilla(n: np.ndarray, d: np.ndarray, loss: np.ndarray) -> dict:
     """L(N, D) = E + A/N^a + B/D^b by the same Huber-on-log-L fit from a grid (Hoffmann et al. 2022, approach 3)."""
     from scipy.optimize import minimize
+    from threadpoolctl import threadpool_limits
 
     logn, logd, logl = np.log(n), np.log(d), np.log(loss)
     cn, cd = float(logn.mean()), float(logd.mean())  # centred, as in fit_law
@@ -171,14 +172,13 @@ def fit_chinchilla(n: np.ndarray, d: np.ndarray, loss: np.ndarray) -> dict:
         return float(_huber(r).sum()), np.array(grad)
 
     best = None
-    for e in (-1.0, 0.5, 1.5):
-        for a in (0.0, 3.0):
-            for b in (0.0, 3.0):
-                for al in (0.2, 0.5):
-                    res = minimize(objective, [e, a, al, b, al], jac=True, method="L-BFGS-B",
-                                   bounds=[(-12, 5), (-60, 60), (0, 3), (-60, 60), (0, 3)])
-                    if best is None or res.fun < best.fun:
-                        best = res
+    starts = [(e, a, al, b, al) for e in (-1.0, 0.5, 1.5) for a in (0.0, 3.0) for b in (0.0, 3.0) for al in (0.2, 0.5)]
+    with threadpool_limits(1, user_api="blas"):  # as in fit_law
+        for q0 in starts:
+            res = minimize(objective, q0, jac=True, method="L-BFGS-B",
+                           bounds=[(-12, 5), (-60, 60), (0, 3), (-60, 60), (0, 3)])
+            if best is None or res.fun < best.fun:
+                best = res
     e, a, al, b, be = best.x
     a, b = a + al * cn, b + be * cd
     return {"E": float(np.exp(e)), "A": float(np.exp(a)), "alpha": float(al), "B": float(np.exp(b)),
@@ -244,20 +244,6 @@ def resolved(cfg: ScaleStage) -> ScaleConfig:
     return sc
 
 
-@contextlib.contextmanager
-def rung_home(scale_dir: Path):
-    """CHATSMITH_HOME pointed at the scale directory: run names then resolve to `<scale_dir>/runs/<rung>`."""
-    old = os.environ.get("CHATSMITH_HOME")
-    os.environ["CHATSMITH_HOME"] = str(scale_dir)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("CHATSMITH_HOME", None)
-        else:
-            os.environ["CHATSMITH_HOME"] = old
-
-
 def shape(depth: int, sc: ScaleConfig, vocab: int) -> dict:
     """Parameter and FLOP counts of a rung, from the model itself (built on the meta device)."""
     import torch
@@ -299,14 +285,6 @@ def rung_config(name: str, depth: int, seed: int, p: dict, sc: ScaleConfig, pres
     })
 
 
-def link_data(parent: Path, rung: Path) -> None:
-    rung.mkdir(parents=True, exist_ok=True)
-    for part in ("tokenizer", "shards"):
-        link = rung / part
-        if not link.exists():
-            link.symlink_to(parent / part, target_is_directory=True)
-
-
 def train_rung(scale_dir: Path, parent: Path, name: str, depth: int, seed: int, p: dict, sc: ScaleConfig,
                preset: str) -> dict:
     """Train (or resume, or skip) one rung and score it; returns its record (also `<rung>/rung.json`)."""
@@ -316,12 +294,10 @@ def train_rung(scale_dir: Path, parent: Path, name: str, depth: int, seed: int, 
     done = rung / "rung.json"
     if done.exists():
         return read_json(done)
-    link_data(parent, rung)
     cfg = rung_config(name, depth, seed, p, sc, preset)
     started = time.time()
-    with rung_home(scale_dir):
-        train.main(cfg)
-        windows = val_windows(name, sc)
+    train.pretrain(cfg, out=rung, data=parent)
+    windows = val_windows(rung, parent, sc)
     val = train.read_metrics(rung, "val")[-1]
     rec = {**p, "name": name, "seed": seed, "val_loss": val["val_loss"], "val_bpb": val["val_bpb"],
            "eval_se": windows["se"], "eval_windows": windows["count"], "started_at": started,
@@ -330,16 +306,19 @@ def train_rung(scale_dir: Path, parent: Path, name: str, depth: int, seed: int, 
     return rec
 
 
-def val_windows(name: str, sc: ScaleConfig) -> dict:
-    """Standard error of the val loss over the fixed held-out batches (each scored by train.evaluate)."""
+def val_windows(rung: Path, parent: Path, sc: ScaleConfig) -> dict:
+    """Standard error of the val loss of the rung's last checkpoint over the fixed held-out batches of the parent
+    run (each scored by train.evaluate)."""
     from . import train
-    from .checkpoint import LoadConfig, load_model
+    from .checkpoint import LoadConfig, list_checkpoints, load_model
     from .data.shards import iter_val_batches
 
-    loaded = load_model(LoadConfig(run=name, precision="auto", threads=sc.threads), stage="base")
+    last = list_checkpoints(rung / "checkpoints")[-1]
+    loaded = load_model(LoadConfig(run=parent.name, checkpoint=str(last), precision="auto", threads=sc.threads),
+                        stage="base")
     device = next(loaded.model.parameters()).device.type
     losses = [train.evaluate(loaded.model, [batch], loaded.tokenizer.token_bytes(), device, loaded.autocast_dtype)
-              ["loss"] for batch in iter_val_batches(loaded.run / "shards" / "val", sc.device_batch, sc.seq_len,
+              ["loss"] for batch in iter_val_batches(parent / "shards" / "val", sc.device_batch, sc.seq_len,
                                                      sc.eval_tokens)]
     se = float(np.std(losses, ddof=1) / math.sqrt(len(losses))) if len(losses) > 1 else float("nan")
     return {"se": se, "count": len(losses)}

@@ -227,6 +227,7 @@ class Job:
     token_bytes: torch.Tensor
     resume: Any = None  # the checkpoint.Checkpoint to continue from, or None
     data_stats: dict | None = None  # what the data lost to the context (documents cropped, conversations dropped)
+    run_path: Path | None = None  # the run directory (its data_stats.json); None: that of run.run
 
 
 def schedule_of(run: config.RunConfig, tc: config.TrainConfig, optim: config.OptimConfig) -> dict:
@@ -349,11 +350,12 @@ def fit(job: Job) -> dict:
     flops_per_token = model.flops_per_token()
     peak = matmul_peak_flops("bfloat16" if dtype is not None else "float32", device=device)
     metrics = MetricsLog(job.out / "metrics.jsonl", resume_step=step if ck is not None else None)
+    run_path = job.run_path or run_dir(job.run.run)
     if step < tc.steps:  # a rerun of a finished run trains nothing, so it writes nothing either
         metrics.write(kind="precision", step=step, **precision.as_dict())  # the choice and the probe's FLOP/s
         if job.data_stats is not None:
             metrics.write(kind="data", step=step, **job.data_stats)
-            write_data_stats(run_dir(job.run.run), job.name, job.data_stats)
+            write_data_stats(run_path, job.name, job.data_stats)
     last_bpb = (read_metrics(job.out, "val") or [{}])[-1].get("val_bpb")
     log(f"{job.name}: {model.num_params() / 1e6:.2f}M params ({model.num_params(non_embedding=True) / 1e6:.2f}M "
         f"non-embedding), {flops_per_token / 1e6:.1f} MFLOPs/token; {tokens_per_step} tokens/step; "
@@ -371,7 +373,7 @@ def fit(job: Job) -> dict:
                               "schedule": schedule_of(job.run, tc, job.optim)},
                         keep_last=tc.keep_last)  # writes on rank 0 only
         if job.data_stats is not None:  # with what the packing cropped so far (rank 0's share)
-            write_data_stats(run_dir(job.run.run), job.name,
+            write_data_stats(run_path, job.name,
                              {**job.data_stats, "loader": getattr(loader, "stats", None)})
         distributed.barrier(dist)  # nobody reads a checkpoint (the next stage) before it is complete
 
@@ -435,9 +437,9 @@ def fit(job: Job) -> dict:
     return summary
 
 
-def setup(cfg, run: config.RunConfig, tc: config.TrainConfig, stage: str) -> str:
-    """Device, process group (under torchrun), threads, seed and the saved config of a training stage; returns the
-    device type."""
+def setup(cfg, run: config.RunConfig, tc: config.TrainConfig, stage: str, out: Path | None = None) -> str:
+    """Device, process group (under torchrun), threads, seed and the saved config of a training stage (in `out`,
+    default the run's directory); returns the device type."""
     device = device_type(tc.device)
     autocast_dtype(device, tc.precision)  # a bad --precision fails here, before any work
     distributed.init(device)
@@ -445,29 +447,37 @@ def setup(cfg, run: config.RunConfig, tc: config.TrainConfig, stage: str) -> str
         torch.set_num_threads(tc.threads)
     seed_all(run.seed)
     if is_rank0():
-        config.save(cfg, run_dir(run.run) / "config.json", stage)
+        config.save(cfg, (out or run_dir(run.run)) / "config.json", stage)
     return device
 
 
 def main(cfg: config.PretrainStage) -> dict:
     """Pretrain on the run's shards; returns a summary dict (final val bpb, tokens, seconds)."""
-    tc = cfg.train
     run = run_dir(cfg.run.run)
-    for need, hint in ((run / "tokenizer" / "tokenizer.json", "tokenizer train"),
-                       (run / "shards" / "train" / "index.json", "data prepare")):
+    return pretrain(cfg, out=run, data=run)
+
+
+def pretrain(cfg: config.PretrainStage, out: Path, data: Path) -> dict:
+    """Pretrain with the tokenizer and shards of the run directory `data`, writing config.json, checkpoints/,
+    metrics.jsonl and data_stats.json into `out`. `main` passes the run's own directory as both; a scaling ladder
+    rung writes into `<run>/scale/runs/<rung>` and reads the parent run's data (scaling.py)."""
+    tc = cfg.train
+    out.mkdir(parents=True, exist_ok=True)
+    for need, hint in ((data / "tokenizer" / "tokenizer.json", "tokenizer train"),
+                       (data / "shards" / "train" / "index.json", "data prepare")):
         if not need.exists():
-            raise UserError(f"run {cfg.run.run!r} has no {need.parent.name} yet; run `chatsmith {hint} --run "
-                            f"{cfg.run.run}` first (or `chatsmith speedrun`)")
-    tok = Tokenizer.load(run / "tokenizer")
+            raise UserError(f"run {data.name!r} has no {need.parent.name} yet; run `chatsmith {hint} --run "
+                            f"{data.name}` first (or `chatsmith speedrun`)")
+    tok = Tokenizer.load(data / "tokenizer")
     mcfg: ModelConfig = cfg.model.resolve(vocab_size=cfg.model.vocab_size or tok.vocab_size)
     if mcfg.vocab_size < tok.vocab_size:
         raise UserError(f"--model-vocab-size {mcfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
     cfg = dataclasses.replace(cfg, model=mcfg)
-    ck = prior_checkpoint(run / "checkpoints", cfg.run.run, tc.resume, dataclasses.asdict(mcfg),
+    ck = prior_checkpoint(out / "checkpoints", cfg.run.run, tc.resume, dataclasses.asdict(mcfg),
                           schedule_of(cfg.run, tc, cfg.optim), tc.allow_schedule_change)
-    device = setup(cfg, cfg.run, tc, "pretrain")
+    device = setup(cfg, cfg.run, tc, "pretrain", out)
     dist = distributed.env()
-    loader = PackingLoader(run / "shards" / "train", tc.device_batch, mcfg.seq_len, rank=dist.rank,
+    loader = PackingLoader(data / "shards" / "train", tc.device_batch, mcfg.seq_len, rank=dist.rank,
                            world_size=dist.world_size, seed=cfg.run.seed, keep_tails=tc.keep_tails)
     stats = loader.data_stats()
     if stats["longer_than_row"]:
@@ -484,7 +494,7 @@ def main(cfg: config.PretrainStage) -> dict:
         return [(p, sample(model, tok, p, 32, device, seed=seed + i)) for i, p in enumerate(SAMPLE_PROMPTS)]
 
     return fit(Job(
-        name="pretrain", run=cfg.run, optim=cfg.optim, train=tc, saved_config=config.to_dict(cfg), out=run,
+        name="pretrain", run=cfg.run, optim=cfg.optim, train=tc, saved_config=config.to_dict(cfg), out=out,
         model=GPT.build(mcfg, device=device), loader=loader,
-        val_batches=lambda: iter_val_batches(run / "shards" / "val", tc.device_batch, mcfg.seq_len, tc.eval_tokens),
-        samples=samples, token_bytes=tok.token_bytes(), resume=ck, data_stats=stats))
+        val_batches=lambda: iter_val_batches(data / "shards" / "val", tc.device_batch, mcfg.seq_len, tc.eval_tokens),
+        samples=samples, token_bytes=tok.token_bytes(), resume=ck, data_stats=stats, run_path=out))

@@ -66,7 +66,6 @@ def fake_parent(chatsmith_home, monkeypatch):
     """Run 'p' with tokenizer and shard index files, a 512-token vocabulary, and a trainer that writes the loss of a
     known law instead of training (recording when each run starts)."""
     from chatsmith import train
-    from chatsmith.common import run_dir
     from chatsmith.tokenizer import Tokenizer
 
     parent = chatsmith_home / "runs" / "p"
@@ -76,10 +75,11 @@ def fake_parent(chatsmith_home, monkeypatch):
     monkeypatch.setattr(Tokenizer, "load", staticmethod(lambda path: type("T", (), {"vocab_size": 512})()))
     calls = []
 
-    def fake_main(cfg):
-        out = run_dir(cfg.run.run)  # under the scale run's CHATSMITH_HOME
+    def fake_pretrain(cfg, out, data):
         pred = parent / "scale" / "prediction.json"
-        calls.append({"run": cfg.run.run, "at": time.time(), "prediction_exists": pred.exists(), "dir": str(out)})
+        calls.append({"run": cfg.run.run, "at": time.time(), "prediction_exists": pred.exists(), "dir": str(out),
+                      "data": data})
+        out.mkdir(parents=True, exist_ok=True)
         mcfg = cfg.model
         n = scaling.shape(mcfg.depth, scaling.ScaleConfig(aspect=mcfg.aspect, head_dim=mcfg.head_dim,
                                                          seq_len=mcfg.seq_len), 512)["n"]
@@ -88,8 +88,8 @@ def fake_parent(chatsmith_home, monkeypatch):
                                                        "val_bpb": loss / 2}) + "\n")
         return {}
 
-    monkeypatch.setattr(train, "main", fake_main)
-    monkeypatch.setattr(scaling, "val_windows", lambda name, sc: {"se": 0.001, "count": 4})
+    monkeypatch.setattr(train, "pretrain", fake_pretrain)
+    monkeypatch.setattr(scaling, "val_windows", lambda rung, data, sc: {"se": 0.001, "count": 4})
     return parent, calls
 
 
@@ -99,7 +99,8 @@ def test_prediction_is_written_before_the_target_trains(fake_parent, capsys):
     result = scaling.main(cfg)
     names = [c["run"] for c in calls]
     assert names[-1].startswith("target-") and len(names) == 4 * 2 + 1  # 4 rungs x 2 seeds, then the target
-    assert all(c["dir"].startswith(str(parent / "scale" / "runs")) for c in calls)
+    assert [c["dir"] for c in calls] == [str(parent / "scale" / "runs" / name) for name in names]
+    assert all(c["data"] == parent for c in calls)  # every rung reads the parent run's tokenizer and shards
     assert not any(c["prediction_exists"] for c in calls[:-1]) and calls[-1]["prediction_exists"]
     pred = json.loads((parent / "scale" / "prediction.json").read_text())
     assert pred["timestamp"] <= calls[-1]["at"]
