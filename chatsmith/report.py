@@ -516,7 +516,7 @@ def _sample_lines(run: Path) -> list[str]:
 
 def write(run: Path, measure_tokenizer: bool = True) -> Path:
     """Write `<run>/report.md` and `<run>/plots/*.png` from the run directory; returns the report's path."""
-    from . import __version__
+    from . import __version__, scaling
     from .train import read_metrics
 
     saved = _read(run / "config.json") or {}
@@ -550,6 +550,7 @@ def write(run: Path, measure_tokenizer: bool = True) -> Path:
     lines += ["## Pretraining", ""] + _pretrain_lines(run, saved, speedrun, results)
     lines += ["## Chat fine-tuning (SFT)", ""] + _sft_lines(run, saved, speedrun)
     lines += ["## Evaluation", ""] + _eval_lines(results)
+    lines += scaling.report_lines(run, plots)  # the scaling-law section, only when the run has a scale/ directory
     lines += ["## Samples", ""] + _sample_lines(run)
     lines += ["## Plots", ""]
     captions = {"loss": "train loss and val bits per byte against tokens", "lr": "learning rate against step",

@@ -514,3 +514,92 @@ def predict_main(cfg: PredictStage) -> dict:
     print(f"N = {cfg.predict.params:,.0f}: val loss {out['value']:.4f}, {out['level']:.0%} interval "
           f"[{out['low']:.4f}, {out['high']:.4f}]; {where}")
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the report card's section (report.py calls this; it lives here, beside the files it reads)
+
+
+def _md_table(header: list[str], rows: list[list]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+            + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""])
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2%}"
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t))
+
+
+def report_lines(run: Path, plots: Path) -> list[str]:
+    """The "Scaling law" section of the report card, from `<run>/scale/` (ladder.json, fit.json, prediction.json,
+    scaling.json), and its plot in `plots/scaling.png`; nothing when the run has no scaling directory."""
+    scale_dir = run / "scale"
+    if not scale_dir.is_dir():
+        return []
+    lines = ["## Scaling law", ""]
+    ladder_rec = read_json(scale_dir / "ladder.json") if (scale_dir / "ladder.json").exists() else None
+    if ladder_rec is None:
+        return lines + ["The ladder has not finished yet (`chatsmith scale run` writes `scale/ladder.json`).", ""]
+    rungs = ladder_rec["rungs"]
+    lines += ["Ladder: val loss in nats per token on the same held-out windows for every rung; N = non-embedding "
+              "parameters; eval SE = standard error over the held-out batches; seed SD = spread over seeds.", ""]
+    lines += _md_table(["depth", "width", "N", "N with embeddings", "tokens", "steps", "loss per seed", "mean",
+                        "seed SD", "eval SE"],
+                       [[r["depth"], r["width"], f"{r['n']:,}", f"{r['n_total']:,}", f"{r['tokens']:,}", r["steps"],
+                         ", ".join(f"{x:.4f}" for x in r["losses"]), f"{r['mean']:.4f}", f"{r['seed_sd']:.4f}",
+                         f"{r['eval_se']:.4f}"] for r in rungs])
+    if not (scale_dir / "fit.json").exists():
+        return lines + ["No fit yet (`chatsmith scale run --until fit` writes `scale/fit.json`).", ""]
+    fit = read_json(scale_dir / "fit.json")
+    forms = [("L(N) = E + A·N^-α, N without embeddings", fit["law_n"]),
+             ("L(N) = E + A·N^-α, N with embeddings", fit["law_n_total"]),
+             ("L(C) = E + A·C^-α, C = training FLOPs", fit["law_compute"]),
+             ("L(N) = A·N^-α (no E: a baseline)", fit["power_law"])]
+    lines += [f"Fits: Huber (δ = {HUBER_DELTA:g}) on log L, L-BFGS-B from a grid of starts.", ""]
+    lines += _md_table(["law", "E", "A", "α"], [[name, f"{f['E']:.4f}", f"{f['A']:.4g}", f"{f['alpha']:.4f}"]
+                                               for name, f in forms])
+    chin = fit["chinchilla"]
+    if isinstance(chin, dict):
+        lines += [f"Chinchilla form L(N, D) = E + A/N^α + B/D^β: E = {chin['E']:.4f}, A = {chin['A']:.4g}, "
+                  f"α = {chin['alpha']:.4f}, B = {chin['B']:.4g}, β = {chin['beta']:.4f}.", ""]
+    else:
+        lines += [f"Chinchilla form: {chin}.", ""]
+    pred = read_json(scale_dir / "prediction.json") if (scale_dir / "prediction.json").exists() else None
+    if pred is None:
+        return lines + ["No prediction written yet.", ""]
+    target = pred["target"]
+    lines += [f"Prediction for the target `{target['name']}` (depth {target['depth']}, N = {target['n']:,}, "
+              f"{target['tokens']:,} tokens), written {_utc(pred['timestamp'])} (git {pred.get('git_sha') or '?'}) "
+              f"before its training: val loss {pred['value']:.4f}, {pred['level']:.0%} interval "
+              f"[{pred['low']:.4f}, {pred['high']:.4f}] (bootstrap over seeds and leave-one-rung-out).", ""]
+    outcome = None
+    if (scale_dir / "scaling.json").exists():
+        outcome = read_json(scale_dir / "scaling.json").get("verify")
+    if outcome is None:
+        largest = max(rungs, key=lambda r: r["n"])
+        lines += [f"Not verified yet: the target is {target['n'] / largest['n']:.2f}x the largest rung in N and "
+                  f"{target['compute'] / largest['compute']:.2f}x in training compute.", ""]
+    else:
+        p, ext = outcome["prediction"], outcome["extrapolation"]
+        lag = outcome["target_started_at"] - outcome["prediction_time"]
+        lines += [f"Observed: val loss {outcome['observed']:.4f} (eval SE {outcome['eval_se']:.4f}), its training "
+                  f"started {_utc(outcome['target_started_at'])}, {lag:,.0f} s after the prediction was written; "
+                  f"inside the interval: {'yes' if p['inside'] else 'no'}. Extrapolation: "
+                  f"{ext['params']:.2f}x the largest rung in N, {ext['compute']:.2f}x in training compute.", ""]
+        names = {"power_law": "pure power law A·N^-α (no E)", "largest_rung": "same as the largest rung"}
+        rows = [["E + A·N^-α (the prediction)", f"{p['value']:.4f}", _pct(p["relative_error"]),
+                 _pct(p["reducible_error"])]]
+        rows += [[names.get(k, k), f"{b['value']:.4f}", _pct(b["relative_error"]), _pct(b["reducible_error"])]
+                 for k, b in outcome["baselines"].items()]
+        lines += ["Relative error = abs(L̂ − L) / L; reducible error = (L̂ − L) / (L − Ê), Ê the fitted E.", ""]
+        lines += _md_table(["predictor", "predicted loss", "relative error", "reducible error"], rows)
+    try:
+        plots.mkdir(parents=True, exist_ok=True)
+        plot(plots / "scaling.png", rungs, fit, outcome)
+        lines += [f"![ladder, fit, prediction with its interval and the outcome]({plots.name}/scaling.png)", ""]
+    except ImportError:
+        lines += ["No scaling plot: matplotlib is not installed.", ""]
+    return lines

@@ -127,6 +127,57 @@ def test_prediction_is_written_before_the_target_trains(fake_parent, capsys):
     assert inside["extrapolation"] == 1.0 and inside["low"] <= inside["value"] <= inside["high"]
 
 
+def _row(lines: list[str], first: str) -> list[str]:
+    """The cells of the markdown table row whose first cell is `first`."""
+    for line in lines:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first:
+            return cells
+    raise AssertionError(f"no row {first!r}")
+
+
+def test_report_section_shows_the_json_numbers(fake_parent):
+    from chatsmith import report
+
+    parent, _ = fake_parent
+    assert scaling.report_lines(parent, parent / "plots") == []  # no scale/ directory: no section
+    cfg = config.make(scaling.ScaleStage, {"run": {"preset": "smoke", "run": "p"}, "scale": {"bootstrap": 40}})
+    scaling.main(cfg)
+    text = report.write(parent, measure_tokenizer=False).read_text()
+    assert "## Scaling law" in text and "(plots/scaling.png)" in text
+    assert (parent / "plots" / "scaling.png").stat().st_size > 0
+    lines = text.splitlines()
+    saved = json.loads((parent / "scale" / "scaling.json").read_text())
+    fit = json.loads((parent / "scale" / "fit.json").read_text())
+    pred = json.loads((parent / "scale" / "prediction.json").read_text())
+    for r in saved["ladder"]:
+        cells = _row(lines, str(r["depth"]))
+        assert cells[2] == f"{r['n']:,}" and cells[4] == f"{r['tokens']:,}"
+        assert cells[6] == ", ".join(f"{x:.4f}" for x in r["losses"])
+        assert cells[7] == f"{np.mean(r['losses']):.4f}" and cells[8] == f"{np.std(r['losses'], ddof=1):.4f}"
+    law = _row(lines, "L(N) = E + A·N^-α, N without embeddings")
+    assert law[1:] == [f"{fit['law_n']['E']:.4f}", f"{fit['law_n']['A']:.4g}", f"{fit['law_n']['alpha']:.4f}"]
+    stamp = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(pred["timestamp"]))
+    assert (f"written {stamp}" in text and f"val loss {pred['value']:.4f}, 90% interval [{pred['low']:.4f}, "
+            f"{pred['high']:.4f}]" in text)
+    v = saved["verify"]
+    observed = v["observed"]
+    assert f"Observed: val loss {observed:.4f}" in text
+    assert f"inside the interval: {'yes' if pred['low'] <= observed <= pred['high'] else 'no'}" in text
+    largest = max(saved["ladder"], key=lambda r: r["n"])
+    target = pred["target"]
+    assert (f"{target['n'] / largest['n']:.2f}x the largest rung in N, "
+            f"{target['compute'] / largest['compute']:.2f}x in training compute" in text)
+    # each predictor's error recomputed here from its value and the observed loss
+    for name, value in (("E + A·N^-α (the prediction)", pred["value"]),
+                        ("pure power law A·N^-α (no E)", pred["baselines"]["power_law"]),
+                        ("same as the largest rung", largest["mean"])):
+        cells = _row(lines, name)
+        assert cells[1] == f"{value:.4f}"
+        assert cells[2] == f"{abs(value - observed) / observed:.2%}"
+        assert cells[3] == f"{(value - observed) / (observed - pred['fit']['E']):.2%}"
+
+
 def test_predict_without_a_fit_is_one_sentence(chatsmith_home, capsys):
     assert cli.main(["scale", "predict", "--run", "nothing", "--params", "1e6"]) == 2
     assert "no scaling fit yet" in capsys.readouterr().err
