@@ -25,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
             "chat fine-tuning of the run's base model (assistant-only loss), then reply checks"),
     "rl": ("chatsmith.rl", "main", "chatsmith.rl:RLStage",
            "GRPO on verifiable rewards from the run's chat model, calculator calls inside the rollouts"),
+    "checks": ("chatsmith.checks", "main", "chatsmith.checks:ChecksStage",
+               "held-out assistant checks of a run's chat model (ends its turn, Chinese in Chinese, identity, "
+               "arithmetic), with 95 % intervals; --stage auto|chat|rl"),
     "chat": ("chatsmith.cli", "main", "chatsmith.cli:ChatStage",
              "talk to the run's chat model in the terminal (streamed, with tools); -p PROMPT for one shot"),
     "serve": ("chatsmith.server", "main", "chatsmith.server:ServeStage",

@@ -151,6 +151,11 @@ class ChatCheckConfig:
                                 min=0, max=10**6)
     check_max_tokens: int = opt(384, "reply length limit for those checks (a reply cut by it counts as not ended)",
                                 min=1, max=2**20)
+    check_identity: int = opt(100, "identity phrasings asked (chatsmith/checks.py: none is in the SFT data; English "
+                                   "and Chinese alternate); 0: skip", min=0, max=100)
+    check_arithmetic: int = opt(200, "held-out 2-3-digit +, -, x problems asked (half English, half Chinese); 0: skip",
+                                min=0, max=10**5)
+    check_slots: int = opt(16, "replies the checks decode together (engine slots)", min=1, max=1024)
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,9 @@ It tells the run's story from the files the stages left in the run directory; no
 machine and versions (`speedrun.json`, the checkpoints' `meta.json`), the resolved config (`config.json`), wall time
 per stage (`speedrun.json`), the tokenizer beside GPT-2, cl100k and o200k (measured once by tokenizer_eval.py and
 kept in `tokenizer_eval.json`), pretraining and SFT (`metrics.jsonl`, `chat/metrics.jsonl`, `chat/chat_checks.json`),
-the evaluation tables (`eval/<stage>_stepNNNNNN.json`) beside published reference rows, and samples in English and
-Chinese. A section whose data is missing says so in one line. `chatsmith speedrun` ends by writing it.
+the evaluation tables (`eval/<stage>_stepNNNNNN.json`) beside published reference rows, the assistant checks of the SFT
+and RL models (`chat/` and `rl/chat_checks.json`, chatsmith/checks.py), and samples in English and Chinese. A section
+whose data is missing says so in one line. `chatsmith speedrun` ends by writing it.
 
 Choices: matplotlib with the Agg backend (PNG files only, no display needed); every reference number is copied from
 the source named in its row, in the metric and shot count named there; the report's own numbers are printed as the
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import checks
 from .common import UserError, atomic_write_json, atomic_write_text, cpu_flags, latest_run, log, run_dir
 from .config import opt
 
@@ -550,6 +552,7 @@ def write(run: Path, measure_tokenizer: bool = True) -> Path:
     lines += ["## Pretraining", ""] + _pretrain_lines(run, saved, speedrun, results)
     lines += ["## Chat fine-tuning (SFT)", ""] + _sft_lines(run, saved, speedrun)
     lines += ["## Evaluation", ""] + _eval_lines(results)
+    lines += ["## Assistant checks", ""] + checks.report_lines(run)
     lines += scaling.report_lines(run, plots)  # the scaling-law section, only when the run has a scale/ directory
     lines += ["## Samples", ""] + _sample_lines(run)
     lines += ["## Plots", ""]

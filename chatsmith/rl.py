@@ -25,7 +25,9 @@ Trajectories are the conversation as the one chat template renders it (tokenizer
 tokens trained on are those a later turn would see; logp_old comes from a forward over them, not from the sampler.
 Checkpoints go to `<run>/rl/checkpoints` (weights, optimizer, RNG, step) and metrics to `<run>/rl/metrics.jsonl`
 (kind train: reward, pass@1, pass@k, reply tokens, tool calls, clip fraction, KL; kind eval: greedy accuracy on
-held-out questions). `chatsmith chat`, `serve` and `eval` load the newest RL model of a run before its SFT model.
+held-out questions). At the end the assistant checks (chatsmith/checks.py, `--check-*` flags; the prompts held out
+from the SFT data the chat model was trained on) run on the RL model: `<run>/rl/chat_checks.json`. `chatsmith chat`,
+`serve` and `eval` load the newest RL model of a run before its SFT model.
 
 Tasks: `arithmetic` and `chain_sum` (reasoning-gym, configured as `chatsmith eval`'s tasks of the same name, drawn
 from seeds far from the seeds evaluation reserves), `gsm_symbolic` (reasoning-gym, its default settings), `gsm8k`
@@ -52,8 +54,8 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, config
-from .common import UserError, autocast_dtype, log, progress, run_dir
+from . import checkpoint, checks, config
+from .common import UserError, autocast_dtype, is_rank0, log, progress, read_json, run_dir
 from .config import opt
 
 TASKS = ("arithmetic", "chain_sum", "gsm_symbolic", "gsm8k", "seven")
@@ -102,6 +104,7 @@ class RLStage:
     rl: RLConfig = RLConfig()
     rl_optim: config.OptimConfig = RL_OPTIM
     rl_train: config.TrainConfig = RL_TRAIN
+    checks: config.ChatCheckConfig = config.ChatCheckConfig()  # the assistant checks at the end (chatsmith/checks.py)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -224,9 +227,10 @@ def calculator_only(name: str, arguments: dict) -> str:
 
 
 def rollout(engine, tokenizer, conversations: Sequence[list[dict]], params: Sequence, tools: bool,
-            max_tool_calls: int) -> list:
+            max_tool_calls: int, on_reply: Callable[[], None] | None = None) -> list:
     """Each conversation answered by `engine.chat` (tool calls run), all at once: one thread per conversation
-    submits to the engine, which one more thread steps, so the replies decode batched. Returns ChatReply's."""
+    submits to the engine, which one more thread steps, so the replies decode batched. Returns ChatReply's;
+    `on_reply()` is called (from a worker thread) as each one finishes, e.g. to advance a progress bar."""
     from .engine import chat
 
     stop = threading.Event()
@@ -234,9 +238,16 @@ def rollout(engine, tokenizer, conversations: Sequence[list[dict]], params: Sequ
     stepper.start()
     answer = functools.partial(chat, engine, tokenizer, tools=tools, max_tool_calls=max_tool_calls,
                                run_tool=calculator_only, drive=False)
+
+    def one(args):
+        reply = answer(args[0], args[1])
+        if on_reply is not None:
+            on_reply()
+        return reply
+
     try:
         with ThreadPoolExecutor(max_workers=max(1, len(conversations))) as pool:
-            return list(pool.map(lambda a: answer(a[0], a[1]), zip(conversations, params)))
+            return list(pool.map(one, zip(conversations, params)))
     finally:
         stop.set()
         stepper.join()
@@ -486,6 +497,15 @@ def main(cfg: RLStage) -> dict:
     metrics.close()
     summary = {"run": cfg.run.run, "steps": step, "task": rl.task, "seconds": time.perf_counter() - t_start,
                "eval": evals}
+    checks_path = out / "chat_checks.json"
+    done = checks_path.exists() and (read_json(checks_path) or {}).get("checkpoint") == f"step_{step:06d}"
+    if is_rank0() and checks.wanted(cfg.checks) and not done:
+        sft_data, sft_seed = checks.sft_settings(start.meta)
+        result = checks.run_checks(model, tok, cfg.checks, sft_data, sft_seed, dtype=dtype, path=checks_path,
+                                   info={"model": "rl", "checkpoint": f"step_{step:06d}"})
+        log(f"rl: {checks.summary_line(result)}")
+    if checks_path.exists():
+        summary["chat_checks"] = {k: v for k, v in (read_json(checks_path) or {}).items() if k != "replies"}
     log(f"rl done: {json.dumps(summary)}")
     return summary
 

@@ -155,7 +155,8 @@ def test_custom_reward_and_its_errors(tmp_path, monkeypatch):
 
 
 TOY = ("--task", "seven", "--prompts", "4", "--group", "8", "--max-tokens", "8", "--eval-prompts", "0",
-       "--no-tools", "--matrix-lr", "0.05", "--head-lr", "0.05", "--embed-lr", "0.1", "--warmdown-frac", "0")
+       "--no-tools", "--matrix-lr", "0.05", "--head-lr", "0.05", "--embed-lr", "0.1", "--warmdown-frac", "0",
+       "--check-prompts", "0", "--check-identity", "0", "--check-arithmetic", "0")  # checks: tests/test_checks.py
 
 
 def train_records(name: str = "toy") -> list[dict]:

@@ -391,15 +391,18 @@ def test_escape_attempts_in_a_chat_are_contained_and_the_chat_goes_on(monkeypatc
 def test_python_is_off_by_default_everywhere():
     import inspect
 
-    from chatsmith import engine, sft, tools
+    from chatsmith import engine, tools
     from chatsmith.cli import ChatConfig
+    from chatsmith.rl import calculator_only
     from chatsmith.server import ServeConfig, web_tools
 
     assert ChatConfig().allow_python is False and ServeConfig().allow_python is False
     assert web_tools(ServeConfig()) == ("calculator",)
     assert web_tools(ServeConfig(allow_python=True)) == ("calculator", "python")
-    for function in (engine.chat, sft.chat_checks, tools.run_tool):
+    for function in (engine.chat, tools.run_tool):
         assert inspect.signature(function).parameters["allow_python"].default is False, function
+    # RL rollouts and the assistant checks (both through rl.rollout) run the calculator alone
+    assert calculator_only("python", {"code": "print(1)"}).startswith("error: no tool named 'python'")
 
 
 def python_chat(allow_python: bool) -> list[dict]:
