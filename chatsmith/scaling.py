@@ -321,7 +321,7 @@ def val_windows(rung: Path, parent: Path, sc: ScaleConfig) -> dict:
               ["loss"] for batch in iter_val_batches(parent / "shards" / "val", sc.device_batch, sc.seq_len,
                                                      sc.eval_tokens)]
     se = float(np.std(losses, ddof=1) / math.sqrt(len(losses))) if len(losses) > 1 else float("nan")
-    return {"se": se, "count": len(losses)}
+    return {"se": se, "count": len(losses), "mean": float(np.mean(losses))}
 
 
 def ladder(cfg: ScaleStage, sc: ScaleConfig, scale_dir: Path, parent: Path, vocab: int) -> list[dict]:

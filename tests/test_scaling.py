@@ -178,6 +178,50 @@ def test_report_section_shows_the_json_numbers(fake_parent):
         assert cells[3] == f"{(value - observed) / (observed - pred['fit']['E']):.2%}"
 
 
+def test_pretrain_into_a_rung_directory_matches_pretrain_in_the_run(tmp_path, chatsmith_home):
+    """train.pretrain(cfg, out, data): a rung trains into its own directory from the parent's tokenizer and shards,
+    leaves the parent as it was, and gives the very losses `chatsmith pretrain` gives in the parent itself."""
+    from chatsmith import tokenizer, train
+    from chatsmith.data import shards
+    from chatsmith.data.shards import iter_val_batches
+
+    corpus = tmp_path / "corpus.jsonl"
+    words = "the model reads text and learns to predict the next token from many small examples".split()
+    rng = np.random.default_rng(0)
+    corpus.write_text("".join(json.dumps({"text": " ".join(rng.choice(words, 40))}) + "\n" for _ in range(200)))
+    common = ["--preset", "smoke", "--run", "p", "--sources", f"local:{corpus}"]
+    tokenizer.train_main(config.parse(config.TokenizerStage, [*common, "--vocab-size", "300"]))
+    shards.main(config.parse(config.DataStage, common))
+    parent = chatsmith_home / "runs" / "p"
+    cfg = config.parse(config.PretrainStage, ["--preset", "smoke", "--run", "p", "--depth", "1", "--steps", "6",
+                                              "--ckpt-every", "3", "--eval-every", "6", "--eval-tokens", "2048",
+                                              "--threads", "1", "--precision", "fp32"])
+
+    def tree(root):
+        return {str(q.relative_to(root)): q.stat().st_mtime_ns for q in root.rglob("*")}
+
+    before = tree(parent)
+    rung = parent / "scale" / "runs" / "d1-s0"
+    train.pretrain(cfg, out=rung, data=parent)
+    assert {k: v for k, v in tree(parent).items() if not k.startswith("scale")} == before  # the parent untouched
+    for part in ("config.json", "metrics.jsonl", "data_stats.json", "checkpoints/step_000006/manifest.json"):
+        assert (rung / part).is_file(), part
+    train.main(cfg)  # the same config in the parent run itself
+    for kind in ("train", "val"):
+        assert train.read_metrics(rung, kind) and ([{k: r[k] for k in r if k not in ("dt", "tok_s", "mfu")}
+                                                    for r in train.read_metrics(rung, kind)]
+                                                   == [{k: r[k] for k in r if k not in ("dt", "tok_s", "mfu")}
+                                                       for r in train.read_metrics(parent, kind)])
+    # the rung's last checkpoint on the parent's held-out windows: here one window, the whole val split, so its
+    # loss is the training's final val loss (up to bf16, which precision "auto" may choose)
+    windows = scaling.val_windows(rung, parent, scaling.ScaleConfig(device_batch=4, seq_len=128, eval_tokens=2048))
+    assert windows["count"] == 1
+    assert windows["mean"] == pytest.approx(train.read_metrics(rung, "val")[-1]["val_loss"], rel=1e-2)
+    windows = scaling.val_windows(rung, parent, scaling.ScaleConfig(device_batch=1, seq_len=128, eval_tokens=1024))
+    expected = len(list(iter_val_batches(parent / "shards" / "val", 1, 128, 1024)))
+    assert windows["count"] == expected >= 2 and windows["se"] > 0
+
+
 def test_predict_without_a_fit_is_one_sentence(chatsmith_home, capsys):
     assert cli.main(["scale", "predict", "--run", "nothing", "--params", "1e6"]) == 2
     assert "no scaling fit yet" in capsys.readouterr().err
