@@ -31,7 +31,9 @@ Generation: every prompt alone in a fresh conversation (no system prompt), answe
 all batched through `rl.rollout` on an Engine of `--check-slots` slots. Each reply's sampler is seeded from the run
 seed, the check and the prompt text, so a rerun gives the same replies (up to the batched-matmul rounding the engine
 docstring describes). A prompt whose rendering leaves less than min(max_tokens, context / 4) tokens of context for
-the reply is skipped and counted (`skipped`), as happens with the smoke preset's 128-token context.
+the reply is skipped and counted (`skipped`; for `ended` it counts prompts short of `--check-prompts`, also when
+the val mixture has fewer), as happens with the smoke preset's 128-token context. SFT and RL skip checks already
+recorded for their final checkpoint with the same settings (`up_to_date`).
 """
 
 from __future__ import annotations
@@ -268,6 +270,15 @@ def wanted(cc: ChatCheckConfig) -> bool:
     return bool(cc.check_prompts or cc.check_identity or cc.check_arithmetic)
 
 
+def up_to_date(path: Path, cc: ChatCheckConfig, checkpoint: str) -> bool:
+    """Whether `path` already holds these checks (same settings) of the checkpoint named `checkpoint` (step_N)."""
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return saved.get("checkpoint") == checkpoint and saved.get("config") == dataclasses.asdict(cc)
+
+
 def _seed(seed: int, check: str, prompt: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{check}:{prompt}".encode()).digest()[:4], "big")
 
@@ -338,7 +349,8 @@ def run_checks(model, tok, cc: ChatCheckConfig, sft: SFTDataConfig, seed: int, *
             row.update(score_arithmetic(reply.messages, problem), expression=problem.expression,
                        result=problem.result)
         rows.append(row)
-    result = {**(info or {}), **summarise(rows), "skipped": skipped, "seconds": round(time.perf_counter() - t0, 2),
+    result = {**(info or {}), **summarise(rows), "config": dataclasses.asdict(cc), "skipped": skipped,
+              "seconds": round(time.perf_counter() - t0, 2),
               "sampling": {"temperature": CHAT_DEFAULTS.temperature, "top_k": CHAT_DEFAULTS.top_k,
                            "top_p": CHAT_DEFAULTS.top_p, "repetition_penalty": CHAT_DEFAULTS.repetition_penalty,
                            "max_tokens": cc.check_max_tokens, "max_tool_calls": MAX_TOOL_CALLS, "seed": seed,

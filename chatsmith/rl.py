@@ -498,11 +498,11 @@ def main(cfg: RLStage) -> dict:
     summary = {"run": cfg.run.run, "steps": step, "task": rl.task, "seconds": time.perf_counter() - t_start,
                "eval": evals}
     checks_path = out / "chat_checks.json"
-    done = checks_path.exists() and (read_json(checks_path) or {}).get("checkpoint") == f"step_{step:06d}"
-    if is_rank0() and checks.wanted(cfg.checks) and not done:
+    final = f"step_{step:06d}"
+    if is_rank0() and checks.wanted(cfg.checks) and not checks.up_to_date(checks_path, cfg.checks, final):
         sft_data, sft_seed = checks.sft_settings(start.meta)
         result = checks.run_checks(model, tok, cfg.checks, sft_data, sft_seed, dtype=dtype, path=checks_path,
-                                   info={"model": "rl", "checkpoint": f"step_{step:06d}"})
+                                   info={"model": "rl", "checkpoint": final})
         log(f"rl: {checks.summary_line(result)}")
     if checks_path.exists():
         summary["chat_checks"] = {k: v for k, v in (read_json(checks_path) or {}).items() if k != "replies"}

@@ -91,10 +91,10 @@ def main(cfg: SFTStage) -> dict:
 
     checks_path = out / "chat_checks.json"
     cc = cfg.checks
-    if is_rank0() and checks.wanted(cc) and not (ck is not None and ck.step >= tc.steps and checks_path.exists()):
+    final = f"step_{tc.steps:06d}"
+    if is_rank0() and checks.wanted(cc) and not checks.up_to_date(checks_path, cc, final):
         result = checks.run_checks(model, tok, cc, cfg.sft, cfg.run.seed, dtype=autocast_dtype(device, tc.precision),
-                                   path=checks_path, train=train_convs,
-                                   info={"model": "chat", "checkpoint": f"step_{tc.steps:06d}"})
+                                   path=checks_path, train=train_convs, info={"model": "chat", "checkpoint": final})
         log(f"sft: {checks.summary_line(result)}")
     if checks_path.exists():
         recorded = json.loads(checks_path.read_text(encoding="utf-8"))

@@ -204,6 +204,9 @@ def test_checks_command_end_to_end_and_rerun(tiny_run, capsys):
     assert "identity" in capsys.readouterr().out
     again = checks.main(cfg)
     assert [r["reply"] for r in again["replies"]] == [r["reply"] for r in first["replies"]]
+    assert checks.up_to_date(path, cfg.checks, "step_000010")  # what SFT and RL look at before running them again
+    assert not checks.up_to_date(path, cfg.checks, "step_000011")
+    assert not checks.up_to_date(path, dataclasses.replace(cfg.checks, check_identity=7), "step_000010")
 
     with pytest.raises(UserError, match="no RL model"):
         checks.main(config.parse(checks.ChecksStage, ["--run", tiny_run, "--stage", "rl", *FLAGS]))
