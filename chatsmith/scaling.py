@@ -9,9 +9,10 @@ prepare`); everything goes to `<run>/scale/`: one run directory per rung under `
 checkpoints, metrics; train.pretrain writes there and reads the parent's tokenizer and shards, which every rung
 shares), `ladder.json`, `fit.json`, `prediction.json`, `scaling.json` and `scaling.png`.
 
-1. ladder: models from one shape rule, the --depth dial (width = depth x aspect, heads = width / head_dim), depths
-   chosen so that non-embedding parameters N (the blocks: neither the token embedding nor the untied head) about
-   double from rung to rung; D = tokens_per_param x N training tokens; every rung at least `min_steps` optimizer steps
+1. ladder: models from one shape rule, the --depth dial (width = depth x aspect, heads = width / head_dim), so
+   non-embedding parameters N (the blocks: neither the token embedding nor the untied head) grow about as depth^3:
+   the cpu preset's depths 4, 5, 6, 8 step N by 1.95x, 1.73x, 2.37x (the smoke preset's 1-4 only exercise the
+   machinery); D = tokens_per_param x N training tokens; every rung at least `min_steps` optimizer steps
    (the device batch is fixed, so every rung is scored on the same held-out windows of train.evaluate; the batch grows
    by gradient accumulation for larger rungs); the project's LR rule (optim.py's 1/sqrt(width) scaling of the AdamW
    rates, Muon's rate as is); `seeds` seeds per rung. Each rung records its val loss (nats/token) and bpb, the eval
@@ -24,9 +25,9 @@ shares), `ladder.json`, `fit.json`, `prediction.json`, `scaling.json` and `scali
    each rung, refits, predicts, and adds a resampled seed deviation (the target is one seed, too). Seed bootstrap
    alone was far too narrow in a pilot. prediction.json (value, interval, fit, law, timestamp, git SHA) is written
    and fsynced before the target's training starts, and never rewritten.
-3. verify: the target (2-4x the largest rung) with the same recipe; relative error, error on the reducible part,
-   inside-interval, the extrapolation factors in N and C, and the same errors for two baselines (a pure power law
-   without E; "same as the largest rung").
+3. verify: the target (the cpu preset's depth 10: 1.95x the largest rung in N) with the same recipe; relative error,
+   error on the reducible part, inside-interval, the extrapolation factors in N and C, and the same errors for two
+   baselines (a pure power law without E; "same as the largest rung").
 
 Notable choices: rung runs live inside the scale run, not beside it under $CHATSMITH_HOME/runs (they are one
 experiment, deleted or copied together). Losses are nats per token (one tokenizer for all rungs); bpb is reported
