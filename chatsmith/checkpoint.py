@@ -36,6 +36,8 @@ Notable choices:
   at save time instead of producing a checkpoint that cannot be resumed. RNG states are stored as JSON (lists of
   ints, base64 for torch byte states) and need no torch.load at all.
 - Only rank 0 writes (under torchrun every rank calls `save` with the same, gathered state); every rank can load.
+  Under `--parallel fsdp` every rank writes its own shards instead (dcp.py: a `dcp/` folder in the checkpoint, listed
+  in the same manifest; model.safetensors at the final step, consolidated from the shards on load before it).
 - `state` and `meta` round-trip through JSON: tuples come back as lists and dict keys as strings.
 - `load_model` is the one loader (run or checkpoint -> model + tokenizer + precision) that chat, serve, eval, export
   and RL call. Which model: `--checkpoint PATH` (a step_N directory; the tokenizer comes from the nearest parent
@@ -73,6 +75,8 @@ STATE_FILE = "state.json"
 RNG_FILE = "rng.json"
 META_FILE = "meta.json"
 MANIFEST_FILE = "manifest.json"
+SHARDS_DIR = "dcp"  # a sharded (--parallel fsdp) checkpoint's torch.distributed.checkpoint files (dcp.py)
+SHARDED_FORMAT = "dcp"  # manifest.json's "format" of a sharded checkpoint (no model.safetensors needed)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _HIDDEN_DIR = re.compile(r"^\.(?:tmp|old)-step_\d+-(\d+)$")  # in-progress writes and pending deletions, by writer pid
@@ -91,6 +95,7 @@ class Checkpoint:
     state: dict  # JSON-able training state (loop, loader, ...)
     rng: dict | None  # capture_rng() output, for restore_rng()
     meta: dict  # meta.json
+    sharded: Path | None = None  # the dcp/ folder of a sharded checkpoint (dcp.load_sharded reads it), else None
 
     def model_config(self):
         """The resolved `ModelConfig` recorded in meta.json (`config.model`, written by pretrain and sft)."""
@@ -192,15 +197,7 @@ def save(root: Path, step: int, model: dict, optimizer: dict | None = None, stat
         manifest = json.dumps({"files": files, "step": step}, indent=2)
         _write_file(tmp / MANIFEST_FILE, lambda f: f.write(manifest.encode("utf-8")))
         fsync_dir(tmp)
-        if final.exists():  # re-saving a step: swap directories (rename(2) cannot replace a non-empty directory)
-            aside = root / f".old-{final.name}-{pid}"
-            os.rename(final, aside)
-            os.rename(tmp, final)
-            fsync_dir(root)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-            fsync_dir(root)
+        _publish(tmp, final)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
@@ -210,6 +207,20 @@ def save(root: Path, step: int, model: dict, optimizer: dict | None = None, stat
     _prune(root, keep_last, final)
     _remove_stale(root)
     return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the complete directory `tmp` to `final` and fsync their parent (dcp.py commits the same way)."""
+    root = final.parent
+    if final.exists():  # re-saving a step: swap directories (rename(2) cannot replace a non-empty directory)
+        aside = root / f".old-{final.name}-{os.getpid()}"
+        os.rename(final, aside)
+        os.rename(tmp, final)
+        fsync_dir(root)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+        fsync_dir(root)
 
 
 def _tensors_for_safetensors(model: dict) -> dict:
@@ -371,17 +382,27 @@ def list_checkpoints(root: Path) -> list[Path]:
 def _verify(path: Path) -> bool:
     """Whether every file of the checkpoint matches the SHA-256 in its manifest (what `load` checks first)."""
     try:
-        files = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))["files"]
-        if not all(name in files for name in (MODEL_FILE, STATE_FILE, META_FILE)):
+        manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
+        files, sharded = manifest["files"], manifest.get("format") == SHARDED_FORMAT
+        if not all(name in files for name in (STATE_FILE, META_FILE) + (() if sharded else (MODEL_FILE,))):
             return False
-        return all("/" not in name and _sha256(path / name) == expected for name, expected in files.items())
+        return all(("/" not in name or sharded and _in_shards(name)) and _sha256(path / name) == expected
+                   for name, expected in files.items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
 
-def load(path: Path, map_location="cpu") -> Checkpoint:
+def _in_shards(name: str) -> bool:
+    """Whether a manifest entry names a file directly inside a sharded checkpoint's dcp/ folder."""
+    head, _, tail = name.partition("/")
+    return head == SHARDS_DIR and tail not in ("", ".", "..") and "/" not in tail
+
+
+def load(path: Path, map_location="cpu", consolidate: bool = True) -> Checkpoint:
     """Read one checkpoint after checking every file against the SHA-256 in its manifest; CheckpointError if any
-    file is missing or differs."""
+    file is missing or differs. A sharded checkpoint (dcp.py) has `sharded` set and no optimizer; its `model` is
+    model.safetensors where it has one (the final step), else the weights consolidated from its shards in this
+    process, or {} with `consolidate=False` (for a caller that reads the shards itself: dcp.load_sharded)."""
     import torch
     from safetensors.torch import load_file
 
@@ -394,16 +415,17 @@ def load(path: Path, map_location="cpu") -> Checkpoint:
         files, step = manifest["files"], int(manifest["step"])
         if not isinstance(files, dict):
             raise TypeError("files is not a mapping")
+        sharded = manifest.get("format") == SHARDED_FORMAT
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} has no {MANIFEST_FILE}, so its write did not finish; "
                               f"{redo}") from None
     except (ValueError, KeyError, TypeError) as e:  # bad UTF-8 or JSON is a ValueError
         raise CheckpointError(f"checkpoint {path} has an unreadable {MANIFEST_FILE} ({e}); {redo}") from None
     for name in (MODEL_FILE, STATE_FILE, META_FILE):
-        if name not in files:
+        if name not in files and not (sharded and name == MODEL_FILE):
             raise CheckpointError(f"checkpoint {path} has no {name} in its {MANIFEST_FILE}; {redo}")
     for name, expected in files.items():
-        if "/" in name or name.startswith("."):
+        if not (sharded and _in_shards(name)) and ("/" in name or name.startswith(".")):
             raise CheckpointError(f"checkpoint {path} lists an invalid file name {name!r} in {MANIFEST_FILE}; {redo}")
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path} is missing {name}; {redo}")
@@ -412,7 +434,14 @@ def load(path: Path, map_location="cpu") -> Checkpoint:
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its SHA-256 in "
                                   f"{MANIFEST_FILE} (expected {str(expected)[:12]}…, found {found[:12]}…); {redo}")
     try:
-        model = load_file(str(path / MODEL_FILE), device=str(map_location))
+        if MODEL_FILE in files:
+            model = load_file(str(path / MODEL_FILE), device=str(map_location))
+        elif consolidate:
+            from .dcp import consolidated_model
+
+            model = {k: t.to(map_location) for k, t in consolidated_model(path / SHARDS_DIR).items()}
+        else:
+            model = {}
         optimizer = (torch.load(path / OPTIMIZER_FILE, map_location=map_location, weights_only=True)
                      if OPTIMIZER_FILE in files else None)
         state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
@@ -421,17 +450,18 @@ def load(path: Path, map_location="cpu") -> Checkpoint:
     except Exception as e:  # checksums matched, so the writer itself stored something unreadable
         raise CheckpointError(f"checkpoint {path} passed its checksums but could not be read "
                               f"({type(e).__name__}: {e}); {redo}") from None
-    return Checkpoint(path=path, step=step, model=model, optimizer=optimizer, state=state, rng=rng, meta=meta)
+    return Checkpoint(path=path, step=step, model=model, optimizer=optimizer, state=state, rng=rng, meta=meta,
+                      sharded=path / SHARDS_DIR if sharded else None)
 
 
-def load_latest(root: Path, map_location="cpu") -> Checkpoint | None:
-    """The newest checkpoint under `root` that passes `load`; corrupt newer ones are skipped with a warning.
-    None when there are no checkpoints; CheckpointError when there are some but none is valid."""
+def load_latest(root: Path, map_location="cpu", consolidate: bool = True) -> Checkpoint | None:
+    """The newest checkpoint under `root` that passes `load` (`consolidate` as there); corrupt newer ones are skipped
+    with a warning. None when there are no checkpoints; CheckpointError when there are some but none is valid."""
     paths = list_checkpoints(root)
     problems = []
     for path in reversed(paths):
         try:
-            return load(path, map_location)
+            return load(path, map_location, consolidate)
         except CheckpointError as e:
             log(f"warning: skipping checkpoint {path.name}: {e}")
             problems.append(path.name)

@@ -19,8 +19,10 @@ function here is a no-op, so train.py has one code path. What data parallelism m
 - a stop request (Ctrl-C, SIGTERM) on any rank stops all of them at the same step boundary.
 
 `--parallel fsdp` shards instead of replicating (FSDP2, `wrap`): every rank then runs every forward (validation and
-samples included), gradients are reduce-scattered, and a checkpoint gathers the full weights and optimizer state to
-rank 0 (`full_state`), so it is the same single safetensors file that one process loads.
+samples included), gradients are reduce-scattered, and checkpoints are sharded: every rank writes its own slices of
+the weights and optimizer state with torch.distributed.checkpoint and reads them back on resume (dcp.py, where the
+layout is described); the final step also gathers the whole weights once into the model.safetensors that chat,
+serve, eval and export load, and an earlier step is consolidated into whole tensors when one process loads it.
 
 With ddp the optimizer is replicated (each rank runs the whole Muon + AdamW step): at the sizes this trains on CPU,
 sharding it (ZeRO) would save little memory and cost a collective per parameter group.
@@ -151,10 +153,11 @@ def _fsdp_sync(model, sync: bool):
 
 
 def full_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """(model state dict, optimizer state dict) of whole tensors on the CPU, for checkpoint.save. Under FSDP2 a
-    collective (every rank calls it): the shards are gathered (torch.distributed.checkpoint.state_dict), the full
-    tensors land on rank 0 (empty dicts elsewhere), and the optimizer state is keyed by parameter name. Otherwise the
-    plain state dicts."""
+    """(model state dict, optimizer state dict) of whole tensors on the CPU, for checkpoint.save (train.fit uses it
+    unsharded; FSDP2 checkpoints are written sharded by dcp.py). Under FSDP2 a collective (every rank calls it): the
+    shards are gathered (torch.distributed.checkpoint.state_dict), the full tensors land on rank 0 (empty dicts
+    elsewhere), and the optimizer state is keyed by parameter name; some of its tensors may be the live ones, so write
+    it before the next step. Otherwise the plain state dicts."""
     if not is_sharded(model):
         return model.state_dict(), opt.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
@@ -165,7 +168,7 @@ def full_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict
 
 def load_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
     """Load a full optimizer state dict (as `full_state` returned it) into `opt`; under FSDP2 each rank keeps its
-    shard of it."""
+    shard of it (a checkpoint gathered by an earlier version; sharded ones load through dcp.load_sharded)."""
     if not is_sharded(model):
         opt.load_state_dict(state)
         return

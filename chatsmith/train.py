@@ -247,7 +247,7 @@ def prior_checkpoint(ckroot: Path, run_name: str, resume: bool, model_cfg: dict,
     if not resume:
         raise UserError(f"run {run_name!r} already has checkpoints in {ckroot}; pass --resume to continue it, or "
                         f"choose a new --run name")
-    ck = checkpoint.load_latest(ckroot)
+    ck = checkpoint.load_latest(ckroot, consolidate=False)  # each rank reads a sharded one's shards itself (fit)
     saved = ck.meta.get("config", {}).get("model")
     if saved is not None and saved != model_cfg:
         raise UserError(f"the checkpoint {ck.path.name} was trained with another model config; resume with the "
@@ -320,7 +320,7 @@ def fit(job: Job) -> dict:
     dist = distributed.env()
     ck = job.resume
     step = 0
-    if ck is not None:
+    if ck is not None and ck.sharded is None:
         model.load_state_dict(ck.model)  # whole tensors, before any sharding
     if ck is not None and ck.meta.get("parallel", "ddp") != tc.parallel and dist.enabled:
         raise UserError(f"the checkpoint {ck.path.name} was written with --parallel {ck.meta.get('parallel', 'ddp')};"
@@ -328,12 +328,17 @@ def fit(job: Job) -> dict:
     step_model = distributed.wrap(model, dist, tc.parallel)  # DDP or FSDP2 under torchrun, the model itself otherwise
     opt = build_optimizer(model, job.optim)  # after wrapping: under FSDP2 it must see the sharded parameters
     if ck is not None:
-        distributed.load_optimizer(model, opt, ck.optimizer)
+        if ck.sharded is None:
+            distributed.load_optimizer(model, opt, ck.optimizer)
         loader_state, rng = ck.state["loader"], ck.rng
         ranks = ck.state.get("ranks", [{"loader": loader_state, "rng": rng}])  # one per process that wrote it
         if len(ranks) != dist.world_size:
             raise UserError(f"the checkpoint {ck.path.name} was written by {len(ranks)} process(es); resume it "
                             f"with as many (torchrun --nproc_per_node={len(ranks)}) to continue it exactly")
+        if ck.sharded is not None:  # FSDP2: each rank reads its own slices of the weights and optimizer (dcp.py)
+            from .dcp import load_sharded
+
+            load_sharded(ck.sharded, model, opt)
         loader.load_state_dict(ranks[dist.rank]["loader"])
         if ranks[dist.rank]["rng"]:
             checkpoint.restore_rng(ranks[dist.rank]["rng"])
@@ -366,12 +371,16 @@ def fit(job: Job) -> dict:
         state = {"loader": loader.state_dict()}
         if dist.enabled:  # every rank's place in its data and its RNG, for an exact resume with as many processes
             state["ranks"] = distributed.gather({"loader": state["loader"], "rng": checkpoint.capture_rng()}, dist)
-        model_state, opt_state = distributed.full_state(model, opt)  # under FSDP2 gathered (collective)
-        checkpoint.save(ckroot, at, model_state, optimizer=opt_state, state=state,
-                        meta={"config": job.saved_config, "kind": job.name, "tokens": at * tokens_per_step,
-                              "world_size": dist.world_size, "parallel": tc.parallel,
-                              "schedule": schedule_of(job.run, tc, job.optim)},
-                        keep_last=tc.keep_last)  # writes on rank 0 only
+        meta = {"config": job.saved_config, "kind": job.name, "tokens": at * tokens_per_step,
+                "world_size": dist.world_size, "parallel": tc.parallel, "schedule": schedule_of(job.run, tc, job.optim)}
+        if distributed.is_sharded(model):  # FSDP2: every rank writes its own shards (dcp.py); the last step also
+            from .dcp import save_sharded  # gathers the whole weights once, for chat, serve, eval and export
+
+            save_sharded(ckroot, at, model, opt, state, meta, dist, keep_last=tc.keep_last, weights=at == tc.steps)
+        else:
+            model_state, opt_state = distributed.full_state(model, opt)
+            checkpoint.save(ckroot, at, model_state, optimizer=opt_state, state=state, meta=meta,
+                            keep_last=tc.keep_last)  # writes on rank 0 only
         if job.data_stats is not None:  # with what the packing cropped so far (rank 0's share)
             write_data_stats(run_path, job.name,
                              {**job.data_stats, "loader": getattr(loader, "stats", None)})

@@ -5,15 +5,24 @@ one unsharded process doing the same arithmetic (gradient accumulation over both
 the gathered Newton-Schulz step and the sharded AdamW; the consolidated checkpoint (gathered full state, one
 safetensors file) loads in one process and gives the sharded model's logits; a rank that dies makes torchrun stop
 the other within the subprocess timeout, naming the failed rank; everything is a no-op on one process.
+Sharded checkpoints (dcp.py): two ranks save with DCP at steps 1-3 (keep-last 2) while drawing their batches from
+the global RNG; a fresh pair resumed from step 2's shards reproduces steps 3-5's losses and final weights exactly;
+the final checkpoint's model.safetensors and step 2's weights consolidated in one process give the sharded model's
+logits; the two ranks' shards load into one unsharded process (DCP reshards) and equal the gathered weights and
+optimizer state; a flipped byte in one rank's shard makes load_latest fall back; DCP's pickled index cannot run code.
 Slow: the smoke preset's 20 steps under fsdp equal DDP's per step within 1e-5 relative; a SIGKILLed fsdp run resumes
-to the uninterrupted losses exactly; `checkpoint.load_model` reads the fsdp run's checkpoint and gives the DDP run's
-logits.
+from its sharded checkpoint to the uninterrupted losses exactly; `checkpoint.load_model` reads the fsdp run's final
+checkpoint and gives the DDP run's logits, and an earlier, shards-only one gives the same logits as the DDP run's
+checkpoint of that step; resuming with another number of processes or --parallel is refused in one sentence.
 
     .venv/bin/pytest tests/test_fsdp.py -q            # fast part
     .venv/bin/pytest tests/test_fsdp.py -q -m slow    # the pretrain runs
 """
 
+import hashlib
+import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -23,7 +32,7 @@ import pytest
 import torch
 from test_train import clone_run, losses, prepared  # noqa: F401  (prepared is a fixture)
 
-from chatsmith import checkpoint, config, distributed, train
+from chatsmith import checkpoint, config, dcp, distributed, train
 from chatsmith.model import GPT, ModelConfig
 from chatsmith.optim import apply_schedules, build_optimizer
 
@@ -67,6 +76,80 @@ distributed.shutdown()
 '''
 
 
+DCP_RESUME = '''
+import dataclasses
+import json
+import pathlib
+import sys
+
+import torch
+from test_fsdp import TOTAL, fsdp_step, small_model, x_probe
+
+from chatsmith import checkpoint, config, dcp, distributed
+from chatsmith.optim import build_optimizer
+
+d = distributed.init("cpu")
+root = pathlib.Path(sys.argv[1])
+cfg = config.OptimConfig()
+
+
+def fresh():
+    model = small_model()
+    distributed.wrap(model, d, "fsdp")
+    opt = build_optimizer(model, cfg)
+    opt.ns_dtype = torch.float32
+    return model, opt
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(x_probe())
+
+
+model, opt = fresh()
+torch.manual_seed(100 + d.rank)  # each rank draws its own batches from the global RNG: resuming must restore it
+losses, saved = [], {}
+for i in range(TOTAL):
+    losses.append(fsdp_step(model, opt, i, d))
+    if i + 1 in (1, 2, 3):
+        state = {"ranks": distributed.gather({"rng": checkpoint.capture_rng()}, d)}
+        dcp.save_sharded(root, i + 1, model, opt, state, {"config": {"model": dataclasses.asdict(model.config)}}, d,
+                         keep_last=2, weights=i + 1 == 3)
+        saved[i + 1] = logits(model)
+    if i + 1 == 2:  # the gathered whole state, written at once (some of its tensors are the live ones)
+        full_model, full_opt = distributed.full_state(model, opt)
+        if d.rank == 0:
+            torch.save({"model": full_model, "optimizer": full_opt}, root.parent / "reference.pt")
+final = {n: p.full_tensor() for n, p in model.named_parameters()}
+
+model, opt = fresh()  # a new process would start so: the resumed run
+ck = checkpoint.load(root / "step_000002", consolidate=False)
+assert ck.model == {} and ck.optimizer is None and ck.sharded == root / "step_000002" / "dcp"
+dcp.load_sharded(ck.sharded, model, opt)
+checkpoint.restore_rng(ck.state["ranks"][d.rank]["rng"])
+resumed = [fsdp_step(model, opt, i, d) for i in range(2, TOTAL)]
+for n, p in model.named_parameters():
+    assert torch.equal(p.full_tensor(), final[n]), n
+if d.rank == 0:
+    (root / "losses.json").write_text(json.dumps({"run": losses, "resumed": resumed}))
+    torch.save(saved, root.parent / "logits.pt")
+distributed.shutdown()
+'''
+TOTAL = 5
+
+
+def fsdp_step(model, opt, i, d) -> float:
+    """One optimizer step on two micro-batches this rank draws from the global torch RNG; the mean loss over both
+    ranks."""
+    cfg = config.OptimConfig()
+    apply_schedules(opt, i, TOTAL, cfg)
+    batches = [(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))) for _ in range(2)]
+    loss_sum, n = train.accumulate(model, batches, "cpu", None, d)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return distributed.all_reduce([loss_sum], d)[0] / n
+
+
 def small_model() -> GPT:
     torch.manual_seed(0)
     return GPT.build(ModelConfig(depth=2, aspect=32, head_dim=16, vocab_size=64, seq_len=16).resolve())
@@ -82,9 +165,9 @@ def x_probe():
     return torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(7))
 
 
-def run_script(tmp_path, mode):
+def run_script(tmp_path, mode, text=FSDP_STEPS):
     script = tmp_path / "fsdp_steps.py"
-    script.write_text(FSDP_STEPS)
+    script.write_text(text)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH")) if p)}
     out = tmp_path / "ckpts"
     out.mkdir(exist_ok=True)
@@ -121,6 +204,82 @@ def test_sharded_steps_equal_one_process_and_the_consolidated_checkpoint_gives_t
     with torch.no_grad():
         got = loaded(x_probe())
     torch.testing.assert_close(got, torch.load(out / "logits.pt", weights_only=True), rtol=0, atol=0)
+
+
+def test_sharded_checkpoints_resume_exactly_consolidate_and_reshard(tmp_path, capsys):
+    root, proc = run_script(tmp_path, "ok", DCP_RESUME)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((root / "losses.json").read_text())
+    assert got["resumed"] == got["run"][2:]  # exact: same weights, optimizer, RNG (the final weights too, in-script)
+    assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step_000002", "step_000003"]  # keep_last=2
+    ref = torch.load(tmp_path / "reference.pt", weights_only=True)  # gathered in the script at step 2
+    ref["logits"] = torch.load(tmp_path / "logits.pt", weights_only=True)  # the sharded model's, at steps 2 and 3
+
+    def logits_of(weights):
+        model = small_model()
+        model.load_state_dict(weights)
+        with torch.no_grad():
+            return model.eval()(x_probe())
+
+    final = checkpoint.load_latest(root)  # the final step: model.safetensors gathered once, beside the shards
+    assert final.step == 3 and final.sharded is not None and (final.path / checkpoint.MODEL_FILE).is_file()
+    assert torch.equal(logits_of(final.model), ref["logits"][3])
+    earlier = checkpoint.load(root / "step_000002")  # shards only: consolidated in this one process
+    assert not (earlier.path / checkpoint.MODEL_FILE).exists() and earlier.optimizer is None
+    assert torch.equal(logits_of(earlier.model), ref["logits"][2])
+    for name, t in ref["model"].items():
+        assert torch.equal(earlier.model[name], t), name
+
+    model = small_model()  # DCP reshards: two ranks' shards into one unsharded process, optimizer state included
+    opt = build_optimizer(model, config.OptimConfig())
+    dcp.load_sharded(earlier.sharded, model, opt)
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, ref["model"][name]), name
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    mine = get_optimizer_state_dict(model, opt)
+    assert mine["state"].keys() == ref["optimizer"]["state"].keys()
+    for name, state in ref["optimizer"]["state"].items():
+        for key, t in state.items():
+            assert torch.equal(mine["state"][name][key], t), (name, key)
+
+    shard = final.path / "dcp" / "__1_0.distcp"  # a flipped byte in one rank's shard: fall back to step 2
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert checkpoint.load_latest(root, consolidate=False).step == 2
+    assert "skipping checkpoint step_000003" in capsys.readouterr().err and "__1_0.distcp" in shard.name
+
+
+def test_a_checkpoint_index_cannot_run_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(pickle.UnpicklingError, match="not part of a checkpoint index"):
+        dcp.consolidated_model(tmp_path)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_only_a_sharded_manifest_may_name_files_in_dcp_and_only_directly_there(tmp_path):
+    path = checkpoint.save(tmp_path, 1, small_model().state_dict(), state={}, meta={})
+    manifest = json.loads((path / checkpoint.MANIFEST_FILE).read_text())
+    (path / "dcp").mkdir()
+    (path / "dcp" / "__0_0.distcp").write_bytes(b"x")
+    digest = hashlib.sha256(b"x").hexdigest()
+    cases = [({}, "dcp/__0_0.distcp", False), ({"format": "dcp"}, "dcp/__0_0.distcp", True),
+             ({"format": "dcp"}, "dcp/../meta.json", False), ({"format": "dcp"}, "dcp/a/b", False)]
+    for extra, name, ok in cases:
+        files = {**manifest["files"], name: digest}
+        (path / checkpoint.MANIFEST_FILE).write_text(json.dumps({**manifest, **extra, "files": files}))
+        if ok:
+            assert checkpoint.load(path).sharded == path / "dcp"
+        else:
+            with pytest.raises(checkpoint.CheckpointError, match="invalid file name"):
+                checkpoint.load(path)
+        assert checkpoint._verify(path) is ok, (extra, name)
 
 
 def test_a_rank_that_dies_stops_the_others(tmp_path):
@@ -174,6 +333,15 @@ def test_fsdp_equals_ddp_resumes_after_sigkill_and_loads_in_one_process(prepared
         with torch.no_grad():
             logits[name] = loaded.model(x.to(next(loaded.model.parameters()).device)).cpu()
     torch.testing.assert_close(logits["fsdp20"], logits["ddp20"], rtol=1e-4, atol=1e-5)
+    earlier = {}  # step 15: shards only under fsdp, consolidated by the one loader
+    for name in runs:
+        path = runs[name] / "checkpoints" / "step_000015"
+        loaded = checkpoint.load_model(checkpoint.LoadConfig(checkpoint=str(path), precision="fp32"), stage="base")
+        with torch.no_grad():
+            earlier[name] = loaded.model(x.to(next(loaded.model.parameters()).device)).cpu()
+    assert not (runs["fsdp20"] / "checkpoints" / "step_000015" / checkpoint.MODEL_FILE).exists()
+    assert (runs["fsdp20"] / "checkpoints" / "step_000020" / checkpoint.MODEL_FILE).is_file()
+    torch.testing.assert_close(earlier["fsdp20"], earlier["ddp20"], rtol=1e-4, atol=1e-5)
 
     killed = clone_run(prepared, "fsdp_killed")
     proc = subprocess.Popen(torchrun("fsdp_killed", "--parallel", "fsdp"), env=env, stdout=subprocess.DEVNULL,
@@ -192,3 +360,8 @@ def test_fsdp_equals_ddp_resumes_after_sigkill_and_loads_in_one_process(prepared
     wrong = subprocess.run(torchrun("fsdp_killed", "--resume", "--steps", "21", "--allow-schedule-change"), env=env,
                            capture_output=True, text=True, timeout=900)
     assert wrong.returncode != 0 and "--parallel fsdp" in wrong.stderr
+    alone = subprocess.run([sys.executable, "-m", "chatsmith", "pretrain", "--preset", "smoke", "--run-name",
+                            "fsdp_killed", *PRETRAIN, "--parallel", "fsdp", "--resume", "--steps", "21",
+                            "--allow-schedule-change"], env=env, capture_output=True, text=True, timeout=900)
+    assert alone.returncode != 0 and "written by 2 process(es)" in alone.stderr, alone.stderr[-2000:]
+    assert "Traceback" not in alone.stderr
