@@ -214,6 +214,9 @@ def test_checks_command_end_to_end_and_rerun(tiny_run, capsys):
     checkpoint.save(checkpoint.stage_root(run_dir(tiny_run), "rl"), 3, ck.model, meta={**ck.meta, "kind": "rl"})
     rl_result = checks.main(config.parse(checks.ChecksStage, ["--run", tiny_run, *FLAGS]))  # auto: the RL model
     assert rl_result["model"] == "rl" and (run_dir(tiny_run) / "rl" / "chat_checks.json").exists()
+    sft_again = checks.main(config.parse(checks.ChecksStage, ["--run", tiny_run, "--stage", "chat", *FLAGS]))
+    assert sft_again["model"] == "chat" and [r["reply"] for r in sft_again["replies"]] == [
+        r["reply"] for r in first["replies"]]  # --stage chat: the SFT model although an RL model exists
     lines = "\n".join(checks.report_lines(run_dir(tiny_run)))
     assert "| check | target | SFT passed/n |" in lines and "RL passed/n" in lines and "final model: RL" in lines
     ended = c["ended"]
