@@ -236,12 +236,12 @@ def identity_prompts(n: int) -> list[tuple[str, bool]]:
     return both[:n]
 
 
-def arithmetic_problems(n: int, seed: int) -> list[Problem]:
+def arithmetic_problems(n: int, seed: int, train: bool = False) -> list[Problem]:
     """n distinct held-out problems (see the module docstring), even indices English, odd Chinese; the same for the
-    same seed."""
+    same seed. `train`: problems of the SFT train split instead, never a held-out one (RL's `calc` task)."""
     from .data import chat
 
-    rng = random.Random(f"chatsmith-checks:arithmetic:{seed}")
+    rng = random.Random(f"chatsmith-checks:arithmetic:{seed}" + (":train" if train else ""))
     out: list[Problem] = []
     seen: set[str] = set()
     lo, hi = OPERAND_RANGE
@@ -252,7 +252,7 @@ def arithmetic_problems(n: int, seed: int) -> list[Problem]:
         op = rng.choice("+-*")
         a, b = rng.randint(lo, hi), rng.randint(lo, hi)
         problem = Problem(a, op, b, "", zh)
-        if problem.expression in seen or chat.hash_split(problem.expression, "arithmetic") == "train":
+        if problem.expression in seen or (chat.hash_split(problem.expression, "arithmetic") == "train") != train:
             continue
         seen.add(problem.expression)
         word = rng.choice((chat._OPS_ZH if zh else chat._OPS_EN)[op])  # the SFT phrasings (data/chat.py)

@@ -159,9 +159,19 @@ class ChatCheckConfig:
 
 
 @dataclass(frozen=True)
-class SpeedrunEvalConfig:
-    eval_limit: int = opt(200, "items per task when the speedrun evaluates its base and chat models (`chatsmith eval` "
-                               "runs whole sets on request); 0 skips the evaluation", min=0, max=10**9)
+class SpeedrunConfig:
+    minutes: float = opt(0.0, "rescale the step budgets of pretraining, SFT and RL by minutes / --budget-minutes "
+                              "(the fixed stages, tokenizer, data and evaluation, do not scale); 0 keeps the preset's",
+                         min=0.0, max=10**6)
+    budget_minutes: float = opt(15.0, "the wall minutes the preset's step budgets are sized for (the cpu preset: 15 "
+                                      "on a 2-core CPU)", min=0.01, max=10**6)
+    rl: bool = opt(True, "run the RL stage (GRPO on arithmetic with the calculator) after SFT")
+    eval_limit: int = opt(200, "items per task when the speedrun evaluates its models (`chatsmith eval` runs whole "
+                               "sets on request); 0 skips the evaluation", min=0, max=10**9)
+    eval_full: tuple[str, ...] = opt(("arc_easy",), "tasks evaluated on their whole set whatever --eval-limit (for an "
+                                                   "interval narrow enough to tell the model from chance)")
+    chat_tasks: tuple[str, ...] = opt(("arc_easy", "mmlu", "idioms", "arithmetic"),
+                                      "tasks the chat models (SFT and RL) are evaluated on")
     eval_max_tokens: int = opt(256, "reply length limit of the generative tasks in that evaluation", min=1,
                                max=10**6)
 
@@ -206,6 +216,52 @@ class SFTStage:
     sft_train: TrainConfig = SFT_TRAIN
 
 
+# RL (chatsmith/rl.py): GRPO on the chat model; its sections live here so the speedrun can hold them
+RL_TASKS = ("arithmetic", "chain_sum", "gsm_symbolic", "gsm8k", "calc", "seven")
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    task: str = opt("arithmetic", "reward environment: " + ", ".join(RL_TASKS) + " (see the module docstring of "
+                                  "chatsmith/rl.py)", choices=RL_TASKS)
+    reward: str = opt("", "a custom reward module:function(conversation, answer) -> float that replaces the task's "
+                          "scorer (the conversation: the question and the reply's messages; answer: the reference)")
+    format_weight: float = opt(0.0, "reward added when every tool call of a reply is well formed (and one was made)",
+                               min=0.0, max=10.0)
+    prompts: int = opt(8, "questions per step", min=1, max=4096)
+    group: int = opt(8, "replies sampled per question (GRPO's group; TRL's num_generations)", min=2, max=256)
+    max_tokens: int = opt(64, "most tokens per reply round", min=1, max=65536)
+    temperature: float = opt(1.0, "sampling temperature of the rollouts", min=0.05, max=10.0)
+    top_k: int = opt(0, "sample the rollouts from the k most likely tokens; 0 = off", min=0, max=2**24)
+    tools: bool = opt(True, "let rollouts call the calculator (its output is masked out of the loss)")
+    max_tool_calls: int = opt(2, "most tool calls in one reply", min=0, max=16)
+    iterations: int = opt(1, "optimisation passes over each batch of rollouts (the clip matters from the second)",
+                          min=1, max=64)
+    clip_eps: float = opt(0.2, "PPO clip range: the ratio is clipped to [1 - eps, 1 + eps]", min=0.0, max=1.0)
+    kl_beta: float = opt(0.0, "weight of the KL penalty to the frozen starting model (k3 estimator); 0 = off",
+                         min=0.0, max=100.0)
+    advantage: str = opt("group", "group: (r - mean) / std within the group (GRPO); mean: r - mean (Dr. GRPO)",
+                         choices=("group", "mean"))
+    slots: int = opt(16, "sequences the rollout engine decodes together (1: each alone, bit-reproducible)",
+                     min=1, max=1024)
+    eval_prompts: int = opt(100, "held-out questions answered greedily at the start and the end (accuracy in "
+                                 "metrics); 0 = skip", min=0, max=100000)
+
+
+RL_OPTIM = OptimConfig(matrix_lr=0.002, embed_lr=0.02, head_lr=0.0004, scalar_lr=0.004, warmup_frac=0.0,
+                       warmdown_frac=1.0)
+RL_TRAIN = TrainConfig(steps=30, device_batch=8, eval_every=0, ckpt_every=10, keep_last=2)
+
+
+@dataclass(frozen=True)
+class RLStage:
+    run: RunConfig = RunConfig()
+    rl: RLConfig = RLConfig()
+    rl_optim: OptimConfig = RL_OPTIM
+    rl_train: TrainConfig = RL_TRAIN
+    checks: ChatCheckConfig = ChatCheckConfig()  # the assistant checks at the end (chatsmith/checks.py)
+
+
 @dataclass(frozen=True)
 class SpeedrunStage:
     run: RunConfig = RunConfig()
@@ -219,7 +275,10 @@ class SpeedrunStage:
     checks: ChatCheckConfig = ChatCheckConfig()
     sft_optim: OptimConfig = SFT_OPTIM
     sft_train: TrainConfig = SFT_TRAIN
-    speedrun_eval: SpeedrunEvalConfig = SpeedrunEvalConfig()
+    rl: RLConfig = RLConfig()
+    rl_optim: OptimConfig = RL_OPTIM
+    rl_train: TrainConfig = RL_TRAIN
+    speedrun: SpeedrunConfig = SpeedrunConfig()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -237,21 +296,30 @@ def preset_smoke() -> dict[str, dict[str, Any]]:
         "sft": {"max_convs": 60, "val_convs": 10},
         "checks": {"check_prompts": 8, "check_zh_prompts": 4, "check_max_tokens": 16},
         "sft_train": {"steps": 10, "device_batch": 4, "eval_every": 5, "eval_tokens": 2048, "ckpt_every": 5},
-        "speedrun_eval": {"eval_limit": 4, "eval_max_tokens": 16},
+        "rl": {"prompts": 2, "group": 2, "max_tokens": 16, "eval_prompts": 4},
+        "rl_train": {"steps": 2, "ckpt_every": 1},
+        "speedrun": {"eval_limit": 4, "eval_max_tokens": 16, "eval_full": (), "budget_minutes": 1.0},
     }
 
 
 def preset_cpu() -> dict[str, dict[str, Any]]:
-    """The CPU speedrun: the cpu-sized pipeline end to end (README's measured table has its time).
+    """The CPU speedrun: sized for 15 minutes on a 2-core CPU (README's measured table has the times and the
+    tuning table the alternatives measured).
 
     Vocabulary 8192, not the default 32768: at width 256 the output head is most of the model's FLOPs (8192 x 256 =
     2.1M head weights beside 3.4M in the blocks; 32768 would make it 8.4M, and a step ~1.9x as long): the model is
     then the bench-ref shape, which `chatsmith bench train` measures."""
     return {
-        "tokenizer": {"vocab_size": 8192, "train_chars": 60_000_000},
+        "tokenizer": {"vocab_size": 8192, "train_chars": 10_000_000},
         "model": {"depth": 4, "aspect": 64, "head_dim": 64, "seq_len": 512},
-        "train": {"steps": 1000, "device_batch": 8, "eval_every": 100, "eval_tokens": 65536, "ckpt_every": 200},
-        "sft_train": {"steps": 600, "device_batch": 8, "eval_every": 100, "eval_tokens": 32768, "ckpt_every": 200},
+        "train": {"steps": 400, "device_batch": 8, "eval_every": 200, "eval_tokens": 65536, "ckpt_every": 100},
+        "sft": {"mixture": ("identity:1", "arithmetic:4", "idioms:0.5", "sharegpt:1", "chatterbot:1"),
+                "max_convs": 3000, "max_chars": 1000},
+        "sft_optim": {"matrix_lr": 0.01, "embed_lr": 0.1, "head_lr": 0.002, "scalar_lr": 0.02},
+        "sft_train": {"steps": 300, "device_batch": 8, "eval_every": 150, "eval_tokens": 32768, "ckpt_every": 100},
+        "rl": {"task": "calc", "prompts": 8, "group": 8, "eval_prompts": 100},
+        "rl_train": {"steps": 6, "ckpt_every": 3},
+        "speedrun": {"eval_limit": 100, "eval_full": ()},
     }
 
 

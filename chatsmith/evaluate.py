@@ -335,16 +335,15 @@ def result_path(run: Path, stage: str, step: int, suffix: str = ".json", kind: s
     return Path(run) / "eval" / f"{'rl' if kind == 'rl' else stage}_step{step:06d}{suffix}"
 
 
-def _merged(path: Path, checkpoint: str, results: dict) -> dict:
-    """`results` over the tasks an earlier result of the same checkpoint holds, so evaluating a few tasks again (or
-    new ones) never drops the others."""
+def _earlier(path: Path, checkpoint: str) -> dict:
+    """The result already in `path` for the same checkpoint, or {}."""
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return results
+        return {}
     if not isinstance(old, dict) or old.get("checkpoint") != checkpoint or not isinstance(old.get("tasks"), dict):
-        return results
-    return {**old["tasks"], **results}
+        return {}
+    return old
 
 
 def main(cfg: EvalStage) -> dict:
@@ -374,7 +373,10 @@ def main(cfg: EvalStage) -> dict:
         log(f"eval: no held-out shards in {shard_dir}; skipping bits per byte")
     kind = model_kind(loaded.checkpoint, loaded.is_chat)
     path = result_path(loaded.run, ec.stage, step, kind=kind)
-    results = _merged(path, str(loaded.checkpoint), {task.name: run_task(task, loaded, ec) for task in chosen})
+    earlier = _earlier(path, str(loaded.checkpoint))  # evaluating a few tasks again (or new ones) drops none
+    results = {**earlier.get("tasks", {}), **{task.name: run_task(task, loaded, ec) for task in chosen}}
+    if bpb is None:
+        bpb = earlier.get("bpb")
     kinds = {t.name: t.kind for t in chosen}  # tasks kept from an earlier result: multiple choice scores acc(_norm)
     mc = [r["centered"] for name, r in results.items()
           if kinds.get(name, "mc" if r.get("metric") in ("acc", "acc_norm") else "gen") == "mc"]

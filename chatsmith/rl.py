@@ -31,9 +31,12 @@ from the SFT data the chat model was trained on) run on the RL model: `<run>/rl/
 
 Tasks: `arithmetic` and `chain_sum` (reasoning-gym, configured as `chatsmith eval`'s tasks of the same name, drawn
 from seeds far from the seeds evaluation reserves), `gsm_symbolic` (reasoning-gym, its default settings), `gsm8k`
-(gsm_symbolic questions scored by GSM8K's rule: the last number of the answer equals the reference), and `seven` (a
-toy: any reply that says 7 scores 1; for tests). Train and held-out questions are split by a hash of the question
-text, so they never overlap, whatever the seeds.
+(gsm_symbolic questions scored by GSM8K's rule: the last number of the answer equals the reference), `calc` (the
+assistant checks' 2-3-digit +, -, x problems in English and Chinese, from the SFT arithmetic source's train split;
+reward 1 only for the right calculator expression and the right stated result, as checks.score_arithmetic judges;
+its held-out questions come from the split no training sees) and `seven` (a toy: any reply that says 7 scores 1;
+for tests). Train and held-out questions are split by a hash of the question text (of the expression for `calc`),
+so they never overlap, whatever the seeds.
 """
 
 from __future__ import annotations
@@ -56,55 +59,9 @@ import torch
 
 from . import checkpoint, checks, config
 from .common import UserError, autocast_dtype, is_rank0, log, progress, read_json, run_dir
-from .config import opt
 
-TASKS = ("arithmetic", "chain_sum", "gsm_symbolic", "gsm8k", "seven")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# config
-
-
-@dataclass(frozen=True)
-class RLConfig:
-    task: str = opt("arithmetic", "reward environment: " + ", ".join(TASKS) + " (see `chatsmith rl --help`'s module "
-                                  "docstring in chatsmith/rl.py)", choices=TASKS)
-    reward: str = opt("", "a custom reward module:function(conversation, answer) -> float that replaces the task's "
-                          "scorer (the conversation: the question and the reply's messages; answer: the reference)")
-    format_weight: float = opt(0.0, "reward added when every tool call of a reply is well formed (and one was made)",
-                               min=0.0, max=10.0)
-    prompts: int = opt(8, "questions per step", min=1, max=4096)
-    group: int = opt(8, "replies sampled per question (GRPO's group; TRL's num_generations)", min=2, max=256)
-    max_tokens: int = opt(64, "most tokens per reply round", min=1, max=65536)
-    temperature: float = opt(1.0, "sampling temperature of the rollouts", min=0.05, max=10.0)
-    top_k: int = opt(0, "sample the rollouts from the k most likely tokens; 0 = off", min=0, max=2**24)
-    tools: bool = opt(True, "let rollouts call the calculator (its output is masked out of the loss)")
-    max_tool_calls: int = opt(2, "most tool calls in one reply", min=0, max=16)
-    iterations: int = opt(1, "optimisation passes over each batch of rollouts (the clip matters from the second)",
-                          min=1, max=64)
-    clip_eps: float = opt(0.2, "PPO clip range: the ratio is clipped to [1 - eps, 1 + eps]", min=0.0, max=1.0)
-    kl_beta: float = opt(0.0, "weight of the KL penalty to the frozen starting model (k3 estimator); 0 = off",
-                         min=0.0, max=100.0)
-    advantage: str = opt("group", "group: (r - mean) / std within the group (GRPO); mean: r - mean (Dr. GRPO)",
-                         choices=("group", "mean"))
-    slots: int = opt(16, "sequences the rollout engine decodes together (1: each alone, bit-reproducible)",
-                     min=1, max=1024)
-    eval_prompts: int = opt(100, "held-out questions answered greedily at the start and the end (accuracy in "
-                                 "metrics); 0 = skip", min=0, max=100000)
-
-
-RL_OPTIM = config.OptimConfig(matrix_lr=0.002, embed_lr=0.02, head_lr=0.0004, scalar_lr=0.004, warmup_frac=0.0,
-                              warmdown_frac=1.0)
-RL_TRAIN = config.TrainConfig(steps=30, device_batch=8, eval_every=0, ckpt_every=10, keep_last=2)
-
-
-@dataclass(frozen=True)
-class RLStage:
-    run: config.RunConfig = config.RunConfig()
-    rl: RLConfig = RLConfig()
-    rl_optim: config.OptimConfig = RL_OPTIM
-    rl_train: config.TrainConfig = RL_TRAIN
-    checks: config.ChatCheckConfig = config.ChatCheckConfig()  # the assistant checks at the end (chatsmith/checks.py)
+TASKS = config.RL_TASKS
+RLConfig, RLStage, RL_OPTIM, RL_TRAIN = config.RLConfig, config.RLStage, config.RL_OPTIM, config.RL_TRAIN
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -150,6 +107,9 @@ class Task:
 
     def items(self, split: str, seed: int, n: int) -> list[Item]:
         """`n` distinct questions of `split` ("train" or "eval"), the same for the same seed."""
+        if self.name == "calc":  # train: the SFT train split's problems; eval: held-out ones (as the checks ask)
+            problems = checks.arithmetic_problems(n, seed + 7919, train=split == "train")
+            return [Item(p.question, str(p.result), p) for p in problems]
         if self.name == "seven":
             asks = ("Say a number.", "Pick a number.", "Name a number.", "Give me a number.", "Any number?")
             pool = [f"{a} ({i})" for i in range(10 * n + 50) for a in asks]
@@ -172,7 +132,10 @@ class Task:
         raise UserError(f"task {self.name} gave only {len(out)} distinct {split} questions of the {n} asked; "
                         f"ask for fewer")
 
-    def score(self, text: str, item: Item) -> float:
+    def score(self, text: str, item: Item, messages: Sequence[dict] = ()) -> float:
+        """The reward of a reply whose final text is `text` (`messages`: all its turns, tool calls included)."""
+        if self.name == "calc":  # the right calculator call and the right stated result
+            return 1.0 if checks.score_arithmetic(messages, item.entry)["pass"] else 0.0
         if self.name == "seven":
             return 1.0 if re.search(r"(?<!\d)7(?!\d)", text or "") else 0.0
         from .tasks.arithmetic import CONFIGS
@@ -353,7 +316,7 @@ def held_out_accuracy(model, tok, task: Task, items: list[Item], rl: RLConfig, d
     replies = rollout(engine, tok, [[{"role": "user", "content": it.question}] for it in items],
                       [_params(rl, 0, greedy=True)] * len(items), rl.tools, rl.max_tool_calls)
     model.train(was_training)
-    correct = sum(task.score(_reply_text(r), it) >= 1.0 for r, it in zip(replies, items))
+    correct = sum(task.score(_reply_text(r), it, r.messages) >= 1.0 for r, it in zip(replies, items))
     return {"n": len(items), "correct": correct, "accuracy": correct / len(items)}
 
 
@@ -421,7 +384,7 @@ def main(cfg: RLStage) -> dict:
         scorer's partial credit (reasoning-gym's scorers give some)."""
         text = _reply_text(reply)
         value = (float(reward_fn([*messages, *reply.messages], item.answer)) if reward_fn is not None
-                 else task.score(text, item))
+                 else task.score(text, item, reply.messages))
         fmt = rl.format_weight if rl.format_weight and tool_format_ok(reply.messages) else 0.0
         return value + fmt, float(value >= 1.0)
 

@@ -1,15 +1,18 @@
 """The speedrun: every stage in order, on one run directory, resumable, ending with the report card.
 
-    chatsmith speedrun                    # preset cpu: minutes on 2 cores
+    chatsmith speedrun                    # preset cpu: sized for 15 minutes on 2 CPU cores
+    chatsmith speedrun --minutes 30       # the same with the training budgets doubled
     chatsmith speedrun --preset smoke     # seconds; what the tests run
     torchrun --standalone --nproc_per_node=2 -m chatsmith speedrun    # data parallel (see distributed.py)
 
 Stages: documents + tokenizer (`tokenizer train`) → token shards (`data prepare`) → pretraining (`pretrain`) →
-chat fine-tuning (`sft`, with reply checks) → evaluation of the base and the chat model (`eval`, `--eval-limit`
-items per task, replies up to `--eval-max-tokens`; the preset sizes both) → the report card (`report`); then it
-prints where the report is and how to chat and serve. Each stage skips work already done in the run directory, so
-rerunning after an interruption continues where it stopped (pretraining and SFT resume from their latest
-checkpoints).
+chat fine-tuning (`sft`, then the assistant checks of checks.py) → RL (`rl`: GRPO on arithmetic with the
+calculator, then the checks again; `--no-rl` skips it) → evaluation of the base, SFT and RL models (`eval`:
+`--eval-limit` items per task, the `--eval-full` tasks on their whole sets, replies up to `--eval-max-tokens`) →
+the report card (`report`); then it prints where the report is and how to chat and serve. Each stage skips work
+already done in the run directory, so rerunning after an interruption continues where it stopped (pretraining, SFT
+and RL resume from their latest checkpoints). `--minutes N` scales the step budgets of the three training stages
+by N / `--budget-minutes` (what the preset is sized for); the other stages take the time they take.
 
 Wall seconds per stage go to `<run>/speedrun.json` (with the machine and the precision used), summed over reruns: a
 stage interrupted and resumed shows the time of both attempts. A stage that already finished with the same settings
@@ -26,7 +29,6 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -92,40 +94,59 @@ def _precision(device: str, precision: str) -> str:
     return "bf16 autocast" if autocast_dtype(device, precision) is not None else "fp32"
 
 
-def evaluate_stage(cfg: config.SpeedrunStage, run: Path, stage: str, clock: StageClock) -> None:
-    """Evaluate the run's newest `stage` model ("base" | "chat") with `--eval-limit` items per task, unless a result
-    for that checkpoint and limit is already in `eval/`. Skipped with one line when evaluate.py is not installed."""
-    from . import checkpoint
+def scaled(cfg: config.SpeedrunStage) -> config.SpeedrunStage:
+    """`cfg` with the step budgets of pretraining, SFT and RL (and their eval/checkpoint intervals) multiplied by
+    --minutes / --budget-minutes; unchanged when --minutes is 0."""
+    sp = cfg.speedrun
+    if not sp.minutes:
+        return cfg
+    factor = sp.minutes / sp.budget_minutes
 
-    limit = cfg.speedrun_eval.eval_limit
-    if limit == 0:
+    def scale(tc: config.TrainConfig) -> config.TrainConfig:
+        steps = max(1, round(tc.steps * factor))
+        every = {k: max(1, round(getattr(tc, k) * factor)) if getattr(tc, k) else 0
+                 for k in ("eval_every", "ckpt_every", "sample_every")}
+        return dataclasses.replace(tc, steps=steps, **every)
+
+    return dataclasses.replace(cfg, train=scale(cfg.train), sft_train=scale(cfg.sft_train),
+                               rl_train=scale(cfg.rl_train))
+
+
+def evaluate_model(cfg: config.SpeedrunStage, run: Path, model: str, clock: StageClock) -> None:
+    """Evaluate the run's newest `model` ("base" | "sft" | "rl"): the stage's tasks (the base suite, or --chat-tasks)
+    on --eval-limit items each, then the --eval-full tasks on their whole sets (evaluate merges both into one result
+    file); a pass that finished for that checkpoint is not run again. Skipped with one line when there is no such
+    checkpoint."""
+    from . import checkpoint, evaluate
+
+    sp = cfg.speedrun
+    if sp.eval_limit == 0:
         return
-    if importlib.util.find_spec("chatsmith.evaluate") is None:
-        log(f"speedrun: {stage} evaluation skipped: this chatsmith has no evaluate module yet")
-        return
-    ckpts = checkpoint.list_checkpoints(checkpoint.stage_root(run, stage))
+    ckpts = checkpoint.list_checkpoints(checkpoint.stage_root(run, {"sft": "chat"}.get(model, model)))
     if not ckpts:
-        log(f"speedrun: {stage} evaluation skipped: the run has no {stage} checkpoint")
+        log(f"speedrun: {model} evaluation skipped: the run has no {model} checkpoint")
         return
+    stage = "base" if model == "base" else "chat"
+    suite = evaluate.SUITES["base"] if stage == "base" else sp.chat_tasks
+    full = [t for t in sp.eval_full if t in suite]
     step = int(ckpts[-1].name.split("_")[1])
-    done = run / "eval" / f"{stage}_step{step:06d}.json"
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        if json.loads(done.read_text(encoding="utf-8")).get("limit") == limit:
-            return
-    from . import evaluate
-
-    stage_cfg = config.make(evaluate.EvalStage, {"run": {"run": cfg.run.run, "preset": cfg.run.preset},
-                                                 "load": {"run": cfg.run.run},
-                                                 "eval": {"stage": stage, "limit": limit,
-                                                          "max_tokens": cfg.speedrun_eval.eval_max_tokens}})
-    with clock.stage(f"eval {stage}", StageClock.fingerprint(cfg.speedrun_eval, step)):
-        evaluate.main(stage_cfg)
+    for name, tasks, limit in ((f"eval {model}", tuple(t for t in suite if t not in full), sp.eval_limit),
+                               (f"eval {model} (whole sets)", tuple(full), 0)):
+        if not tasks:
+            continue
+        with clock.stage(name, StageClock.fingerprint(sp, step, str(ckpts[-1]))):  # a finished pass is not redone
+            evaluate.main(config.make(evaluate.EvalStage, {
+                "run": {"run": cfg.run.run, "preset": cfg.run.preset},
+                "load": {"run": cfg.run.run, "checkpoint": str(ckpts[-1])},
+                "eval": {"stage": stage, "tasks": tasks, "limit": limit, "max_tokens": sp.eval_max_tokens,
+                         "bpb": stage == "base" and limit != 0}}))
 
 
 def main(cfg: config.SpeedrunStage) -> dict:
     from . import report, sft, tokenizer, train
     from .data import shards
 
+    cfg = scaled(cfg)
     run = run_dir(cfg.run.run)
     log(f"speedrun: preset {cfg.run.preset!r}, run directory {run}")
     device = device_type(cfg.train.device)
@@ -146,15 +167,28 @@ def main(cfg: config.SpeedrunStage) -> dict:
                      _precision(device, cfg.train.precision)):
         summary = train.main(config.PretrainStage(run=cfg.run, model=cfg.model, optim=cfg.optim, train=train_cfg))
 
-    sft_cfg = config.SFTStage(run=cfg.run, sft=cfg.sft, checks=cfg.checks, sft_optim=cfg.sft_optim,
+    # with RL after it, the assistant checks run once, on the final (RL) model
+    sft_checks = (dataclasses.replace(cfg.checks, check_prompts=0, check_identity=0, check_arithmetic=0)
+                  if cfg.speedrun.rl else cfg.checks)
+    sft_cfg = config.SFTStage(run=cfg.run, sft=cfg.sft, checks=sft_checks, sft_optim=cfg.sft_optim,
                               sft_train=dataclasses.replace(cfg.sft_train, resume=True))
-    with clock.stage("sft", clock.fingerprint(cfg.sft, cfg.checks, cfg.sft_optim, cfg.sft_train, dist.world_size),
+    with clock.stage("sft", clock.fingerprint(cfg.sft, sft_checks, cfg.sft_optim, cfg.sft_train, dist.world_size),
                      _precision(device, cfg.sft_train.precision)):
         chat_summary = sft.main(sft_cfg)
 
+    rl_summary = None
+    if cfg.speedrun.rl:
+        from . import rl
+
+        rl_cfg = config.RLStage(run=cfg.run, rl=cfg.rl, rl_optim=cfg.rl_optim, checks=cfg.checks,
+                                rl_train=dataclasses.replace(cfg.rl_train, resume=True))
+        with clock.stage("rl", clock.fingerprint(cfg.rl, cfg.checks, cfg.rl_optim, cfg.rl_train),
+                         _precision(device, cfg.rl_train.precision)):
+            rl_summary = distributed.rank0_first(lambda: rl.main(rl_cfg), dist)  # RL runs on one process
+
     def finish() -> Path:
-        for stage in ("base", "chat"):
-            evaluate_stage(cfg, run, stage, clock)
+        for model in ("base", "sft", "rl"):
+            evaluate_model(cfg, run, model, clock)
         path = run / "report.md"
         if clock.worked or not path.exists():  # a rerun that did nothing leaves the report as it was
             t0 = time.perf_counter()
@@ -165,6 +199,7 @@ def main(cfg: config.SpeedrunStage) -> dict:
     report_path = distributed.rank0_first(finish, dist)
     result = {"run": str(run), "val_bpb": summary["val_bpb"], "tokens": summary["tokens"],
               "sft_val_bpb": chat_summary["val_bpb"], "chat_checks": chat_summary.get("chat_checks"),
+              "rl_eval": rl_summary["eval"] if rl_summary else None,
               "seconds": {k: v["seconds"] for k, v in clock.data["stages"].items()}, "report": str(report_path)}
     for rec in train.read_metrics(run / "chat", "sample")[-len(sft.SAMPLE_PROMPTS):]:
         log(f"  {rec['prompt']} → {rec['text']!r}")
