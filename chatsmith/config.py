@@ -60,6 +60,9 @@ class DataConfig:
     val_fraction: float = opt(0.01, "fraction of documents held out for validation (by document hash)", min=0.0,
                                max=0.9)
     max_docs: int = opt(0, "stop after this many documents per source; 0 means all", min=0, max=10**12)
+    train_fraction: float = opt(1.0, "share of the training documents kept, chosen by a hash of the text (the same "
+                                     "ones on every machine, every source in proportion); validation keeps all",
+                                min=1e-6, max=1.0)
     text_field: str = opt("text", "field holding the text in jsonl and parquet sources")
 
 
@@ -294,7 +297,8 @@ def preset_smoke() -> dict[str, dict[str, Any]]:
         "model": {"depth": 2, "aspect": 32, "head_dim": 32, "seq_len": 128},
         "train": {"steps": 20, "device_batch": 4, "eval_every": 10, "eval_tokens": 4096, "ckpt_every": 10},
         "sft": {"max_convs": 60, "val_convs": 10},
-        "checks": {"check_prompts": 8, "check_zh_prompts": 4, "check_max_tokens": 16},
+        "checks": {"check_prompts": 8, "check_zh_prompts": 4, "check_max_tokens": 16, "check_identity": 8,
+                   "check_arithmetic": 8},
         "sft_train": {"steps": 10, "device_batch": 4, "eval_every": 5, "eval_tokens": 2048, "ckpt_every": 5},
         "rl": {"prompts": 2, "group": 2, "max_tokens": 16, "eval_prompts": 4},
         "rl_train": {"steps": 2, "ckpt_every": 1},
@@ -310,16 +314,18 @@ def preset_cpu() -> dict[str, dict[str, Any]]:
     2.1M head weights beside 3.4M in the blocks; 32768 would make it 8.4M, and a step ~1.9x as long): the model is
     then the bench-ref shape, which `chatsmith bench train` measures."""
     return {
+        "data": {"train_fraction": 0.3},
         "tokenizer": {"vocab_size": 8192, "train_chars": 10_000_000},
         "model": {"depth": 4, "aspect": 64, "head_dim": 64, "seq_len": 512},
-        "train": {"steps": 400, "device_batch": 8, "eval_every": 200, "eval_tokens": 65536, "ckpt_every": 100},
+        "train": {"steps": 320, "device_batch": 8, "eval_every": 160, "eval_tokens": 65536, "ckpt_every": 80},
         "sft": {"mixture": ("identity:1", "arithmetic:4", "idioms:0.5", "sharegpt:1", "chatterbot:1"),
                 "max_convs": 3000, "max_chars": 1000},
         "sft_optim": {"matrix_lr": 0.01, "embed_lr": 0.1, "head_lr": 0.002, "scalar_lr": 0.02},
-        "sft_train": {"steps": 300, "device_batch": 8, "eval_every": 150, "eval_tokens": 32768, "ckpt_every": 100},
+        "sft_train": {"steps": 280, "device_batch": 8, "eval_every": 140, "eval_tokens": 32768, "ckpt_every": 70},
         "rl": {"task": "calc", "prompts": 8, "group": 8, "eval_prompts": 100},
         "rl_train": {"steps": 6, "ckpt_every": 3},
-        "speedrun": {"eval_limit": 100, "eval_full": ()},
+        "speedrun": {"eval_limit": 100, "eval_full": (), "chat_tasks": ("calc", "arithmetic", "arc_easy", "mmlu",
+                                                                       "idioms")},
     }
 
 

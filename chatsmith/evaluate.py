@@ -47,7 +47,7 @@ from .tasks import GenItem, MCItem, Task, scoring
 STAGES = ("base", "chat")
 SUITES = {
     "base": ("arc_easy", "arc_challenge", "hellaswag", "piqa", "mmlu", "idioms"),
-    "chat": ("arc_easy", "arc_challenge", "mmlu", "idioms", "gsm8k", "arithmetic", "humaneval"),
+    "chat": ("arc_easy", "arc_challenge", "mmlu", "idioms", "gsm8k", "arithmetic", "calc", "humaneval"),
 }
 ZH_HAN_FRACTION = 0.25
 HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
@@ -116,14 +116,18 @@ def bits_per_byte(loaded: LoadedModel, shard_dir: Path, max_tokens: int = 0,
         taken += len(ids)
     token_bytes = tok.token_bytes()
     device = next(model.parameters()).device.type
-    per_row = max(1, batch_tokens // T)
     nats_bytes = {}
     for lang, lang_rows in rows.items():
-        batches = []
-        for s in range(0, len(lang_rows), per_row):
-            chunk = lang_rows[s:s + per_row]
-            x = torch.full((len(chunk), T), tok.bos_id, dtype=torch.long)
-            y = torch.full((len(chunk), T), -1, dtype=torch.long)
+        # rows sorted by length and each batch padded only to its longest row (a short document, an idiom, is not
+        # padded to the full context): every row is still scored alone from its own start, so the sums are unchanged
+        lang_rows = sorted(lang_rows, key=len, reverse=True)
+        batches, s = [], 0
+        while s < len(lang_rows):
+            width = len(lang_rows[s]) - 1
+            chunk = lang_rows[s:s + max(1, batch_tokens // max(width, 1))]
+            s += len(chunk)
+            x = torch.full((len(chunk), width), tok.bos_id, dtype=torch.long)
+            y = torch.full((len(chunk), width), -1, dtype=torch.long)
             for r, row in enumerate(chunk):
                 x[r, :len(row) - 1] = torch.tensor(row[:-1])
                 y[r, :len(row) - 1] = torch.tensor(row[1:])

@@ -441,6 +441,8 @@ def _sft_lines(run: Path, saved: dict, speedrun: dict | None) -> list[str]:
                      f"replies end with <|im_end|> ({_f(checks.get('ended_frac'), 3)}); "
                      f"{checks.get('zh_replies_mostly_han')} of {checks.get('zh_prompts')} Chinese prompts got a "
                      f"mostly Chinese reply ({_f(checks.get('zh_frac'), 3)})")
+    elif (run / "rl" / "chat_checks.json").exists():
+        lines.append("- assistant checks: run on the final (RL) model, see Assistant checks")
     else:
         lines.append("- chat checks: none recorded (`chat/chat_checks.json` is missing)")
     return lines + [""]

@@ -108,8 +108,12 @@ class Task:
     def items(self, split: str, seed: int, n: int) -> list[Item]:
         """`n` distinct questions of `split` ("train" or "eval"), the same for the same seed."""
         if self.name == "calc":  # train: the SFT train split's problems; eval: held-out ones (as the checks ask)
-            problems = checks.arithmetic_problems(n, seed + 7919, train=split == "train")
-            return [Item(p.question, str(p.result), p) for p in problems]
+            from .tasks import arithmetic
+
+            problems = checks.arithmetic_problems(n + 50, seed + 7919, train=split == "train")
+            evaluated = {e["question"].removeprefix("Calculate ").removesuffix(".")
+                         for e in arithmetic.dataset("calc")}  # `chatsmith eval`'s calc problems: never trained on
+            return [Item(p.question, str(p.result), p) for p in problems if p.expression not in evaluated][:n]
         if self.name == "seven":
             asks = ("Say a number.", "Pick a number.", "Name a number.", "Give me a number.", "Any number?")
             pool = [f"{a} ({i})" for i in range(10 * n + 50) for a in asks]

@@ -132,9 +132,10 @@ def evaluate_model(cfg: config.SpeedrunStage, run: Path, model: str, clock: Stag
     step = int(ckpts[-1].name.split("_")[1])
     for name, tasks, limit in ((f"eval {model}", tuple(t for t in suite if t not in full), sp.eval_limit),
                                (f"eval {model} (whole sets)", tuple(full), 0)):
-        if not tasks:
+        key = StageClock.fingerprint(sp, step, str(ckpts[-1]))
+        if not tasks or clock.is_done(name, key):  # a finished pass is not redone
             continue
-        with clock.stage(name, StageClock.fingerprint(sp, step, str(ckpts[-1]))):  # a finished pass is not redone
+        with clock.stage(name, key):
             evaluate.main(config.make(evaluate.EvalStage, {
                 "run": {"run": cfg.run.run, "preset": cfg.run.preset},
                 "load": {"run": cfg.run.run, "checkpoint": str(ckpts[-1])},

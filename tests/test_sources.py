@@ -97,6 +97,18 @@ def test_max_docs_counts_unique_documents_per_source_before_the_split(tmp_path):
     assert sorted(docs(cfg, "train") + docs(cfg, "val")) == sorted(f"d{i}" for i in range(50))
 
 
+def test_train_fraction_keeps_a_hashed_share_of_train_documents_and_all_val(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(4000)))
+    full = data(f"local:{path}", val_fraction=0.1)
+    part = data(f"local:{path}", val_fraction=0.1, train_fraction=0.3)
+    train, kept = docs(full, "train"), docs(part, "train")
+    assert docs(part, "val") == docs(full, "val")  # validation untouched
+    assert set(kept) <= set(train) and abs(len(kept) / len(train) - 0.3) < 0.03  # 3,600 draws: 0.3 +- 4.6 sigma
+    expect = [t for t in train if sources.hash_fraction(f"keep:{t}") < 0.3]  # brute force: the rule, doc by doc
+    assert kept == expect and docs(part, "train") == kept  # the same documents every time
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # bad input: one sentence each
 

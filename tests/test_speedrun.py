@@ -52,9 +52,17 @@ def test_smoke_speedrun_end_to_end_and_rerun(tmp_path):
     sft_records = [json.loads(line) for line in (chat_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in sft_records if r["kind"] == "train"] == list(range(1, 11))
     assert all(r["val_loss"] > 0 for r in sft_records if r["kind"] == "val")
-    checks = json.loads((chat_dir / "chat_checks.json").read_text())
-    assert checks["prompts"] == 8 and checks["zh_prompts"] == 4 and 0 <= checks["ended_with_im_end"] <= 8
     assert json.loads((chat_dir / "checkpoints" / "step_000010" / "meta.json").read_text())["kind"] == "sft"
+    # RL after SFT; the assistant checks run once, on the RL model
+    rl_dir = run / "rl"
+    assert sorted((rl_dir / "checkpoints").glob("step_*"))[-1].name == "step_000002"
+    rl_records = [json.loads(line) for line in (rl_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rl_records if r["kind"] == "train"] == [1, 2]
+    assert [r["step"] for r in rl_records if r["kind"] == "eval"] == [0, 2]  # held-out accuracy before and after
+    assert not (chat_dir / "chat_checks.json").exists()
+    checks = json.loads((rl_dir / "chat_checks.json").read_text())
+    assert checks["prompts"] == 8 and checks["zh_prompts"] == 4 and 0 <= checks["ended_with_im_end"] <= 8
+    assert checks["checkpoint"] == "step_000002"
 
     reply = subprocess.run([sys.executable, "-m", "chatsmith", "chat", "-p", "你好", "--max-tokens", "8",
                             "--temperature", "0"], env=env, capture_output=True, text=True, timeout=300, check=False)
@@ -70,20 +78,21 @@ def test_smoke_speedrun_end_to_end_and_rerun(tmp_path):
     assert f"final val bits per byte (step 20): {val[-1]['val_bpb']:.4f}" in report
     sft_val = [r for r in sft_records if r["kind"] == "val"][-1]
     assert f"{sft_val['val_loss']:.4f} nats per token, {sft_val['val_bpb']:.4f} bits per byte" in report
-    assert f"{checks['ended_with_im_end']} of {checks['prompts']} replies end with <|im_end|>" in report
-    assert f"{checks['zh_replies_mostly_han']} of {checks['zh_prompts']} Chinese prompts" in report
+    ended = checks["checks"]["ended"]
+    assert f"| ended | 0.97 | {ended['passed']}/{ended['n']} |" in report  # the final (RL) model's checks
     assert f"{train[-1]['tokens']:,} tokens" in report
     for name in ("loss", "lr", "throughput"):
         assert_png(run / "plots" / f"{name}.png")
     times = json.loads((run / "speedrun.json").read_text())
-    assert set(times["stages"]) >= {"tokenizer", "data", "pretrain", "sft", "report"}
+    assert set(times["stages"]) >= {"tokenizer", "data", "pretrain", "sft", "rl", "eval base", "eval sft", "eval rl",
+                                    "report"}
     assert all(rec["seconds"] > 0 for rec in times["stages"].values())
     for name, rec in times["stages"].items():
         if name != "report":  # written after the report, which shows the stages before it
             assert re.search(rf"\| {re.escape(name)} \| {rec['seconds']:.1f} \|", report), name
     assert times["machine"]["cores"] == os.cpu_count() and times["precision"]["pretrain"] in ("bf16 autocast", "fp32")
     if importlib.util.find_spec("chatsmith.evaluate") is not None:  # evaluated at the preset's small limit
-        for stage, step in (("base", 20), ("chat", 10)):
+        for stage, step in (("base", 20), ("chat", 10), ("rl", 2)):
             res = json.loads((run / "eval" / f"{stage}_step{step:06d}.json").read_text())
             assert res["limit"] == 4 and all(t["n"] == 4 for t in res["tasks"].values())
             from chatsmith.evaluate import markdown_table
@@ -95,6 +104,24 @@ def test_smoke_speedrun_end_to_end_and_rerun(tmp_path):
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing redone
+
+
+def test_minutes_rescale_the_training_budgets():
+    """--minutes N scales the steps (and eval/checkpoint intervals) of pretraining, SFT and RL by N / budget."""
+    from chatsmith import config
+
+    base = config.make(config.SpeedrunStage, {"run": {"preset": "cpu"}})
+    assert speedrun.scaled(base) == base  # 0: the preset as it is
+    double = speedrun.scaled(config.make(config.SpeedrunStage, {"run": {"preset": "cpu"},
+                                                                "speedrun": {"minutes": 30}}))
+    for section in ("train", "sft_train", "rl_train"):
+        before, after = getattr(base, section), getattr(double, section)
+        assert after.steps == 2 * before.steps and after.ckpt_every == 2 * before.ckpt_every
+        assert after.eval_every == 2 * before.eval_every
+    assert double.model == base.model and double.sft == base.sft  # only the budgets change
+    tiny = speedrun.scaled(config.make(config.SpeedrunStage, {"run": {"preset": "cpu"},
+                                                              "speedrun": {"minutes": 0.001}}))
+    assert tiny.train.steps == tiny.sft_train.steps == tiny.rl_train.steps == 1
 
 
 def test_stage_clock_adds_interrupted_attempts_and_skips_finished_stages(tmp_path, monkeypatch):

@@ -370,7 +370,8 @@ def iter_split_documents(data: DataConfig) -> Iterator[tuple[str, Document]]:
     """(split, document) for every document of `data.sources`, exact duplicates removed (first one kept); split is
     'train' or 'val' by the hash of the text.
 
-    `max_docs` counts unique documents per source, before the split, so both splits come from the same documents.
+    `max_docs` counts unique documents per source, before the split, so both splits come from the same documents;
+    `train_fraction` then keeps that share of the train documents (by a hash of the text, independent of the split's).
     Raises UserError when the sources hold no document at all."""
     if not 0.0 <= data.val_fraction < 1.0:
         raise UserError(f"--val-fraction must be in [0, 1), not {data.val_fraction}")
@@ -385,7 +386,10 @@ def iter_split_documents(data: DataConfig) -> Iterator[tuple[str, Document]]:
             seen.add(h)
             taken += 1
             total += 1
-            yield split_of(text, data.val_fraction), Document(text, spec)
+            split = split_of(text, data.val_fraction)
+            if split == "train" and data.train_fraction < 1.0 and hash_fraction(f"keep:{text}") >= data.train_fraction:
+                continue
+            yield split, Document(text, spec)
             if data.max_docs and taken >= data.max_docs:
                 break
     if total == 0:

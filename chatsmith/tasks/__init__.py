@@ -30,7 +30,7 @@ from ..common import UserError
 REGISTRY = {
     "arc_easy": "arc", "arc_challenge": "arc", "hellaswag": "hellaswag", "piqa": "piqa", "mmlu": "mmlu",
     "idioms": "idioms", "gsm8k": "gsm8k", "arithmetic": "arithmetic", "chain_sum": "arithmetic",
-    "humaneval": "humaneval",
+    "calc": "arithmetic", "humaneval": "humaneval",
 }
 SOURCES = ("pkg", "hf")
 

@@ -1,6 +1,6 @@
-"""Arithmetic from reasoning-gym: `basic_arithmetic` (mixed + - * / with parentheses) and `chain_sum` (sums and
-differences of several numbers), each a seeded set of 500 problems judged by reasoning-gym's own scorer on the last
-number of the reply.
+"""Arithmetic from reasoning-gym: `arithmetic` (`basic_arithmetic`: mixed + - * / with parentheses), `chain_sum`
+(sums and differences of several numbers) and `calc` (`basic_arithmetic` with one +, - or x of two 2-3-digit
+numbers), each a seeded set of 500 problems judged by reasoning-gym's own scorer on the last number of the reply.
 
 Seeds: SFT's arithmetic conversations come from chatsmith's own generator (data/chat.py), not from reasoning-gym, and
 nothing in chatsmith trains on reasoning-gym draws near EVAL_SEED (item i is drawn with Random(seed + i), so a
@@ -19,6 +19,9 @@ SIZE = 500
 CONFIGS = {
     "arithmetic": ("basic_arithmetic", {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 3}),
     "chain_sum": ("chain_sum", {"min_terms": 2, "max_terms": 4, "min_digits": 1, "max_digits": 3}),
+    # "Calculate 47 - 77.": one operation on 2-3-digit numbers, the assistant checks' shape (what RL's calc trains)
+    "calc": ("basic_arithmetic", {"min_terms": 2, "max_terms": 2, "min_digits": 2, "max_digits": 3,
+                                  "operators": ("+", "-", "*"), "allow_parentheses": False, "allow_negation": False}),
 }
 
 
