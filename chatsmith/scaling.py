@@ -52,7 +52,8 @@ HUBER_DELTA = 1e-3
 
 # preset -> ladder defaults (a ScaleConfig field left at 0 or empty takes these)
 LADDERS = {
-    "smoke": {"depths": (1, 2, 3, 4), "target_depth": 5, "seeds": 2, "tokens_per_param": 1.0, "min_steps": 12,
+    # smoke: the machinery only (CI): so few tokens per parameter that most rungs are held at min_steps of one row
+    "smoke": {"depths": (1, 2, 3, 4), "target_depth": 5, "seeds": 2, "tokens_per_param": 0.02, "min_steps": 12,
               "aspect": 16, "head_dim": 16, "seq_len": 64, "device_batch": 2, "eval_tokens": 1024},
     "cpu": {"depths": (4, 5, 6, 8), "target_depth": 10, "seeds": 2, "tokens_per_param": 1.3, "min_steps": 1000,
             "aspect": 16, "head_dim": 16, "seq_len": 128, "device_batch": 2, "eval_tokens": 65536},
