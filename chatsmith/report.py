@@ -346,7 +346,8 @@ def _timing_lines(speedrun: dict | None) -> list[str]:
     if not stages:
         return ["No stage times recorded (`speedrun.json` is missing: the run was not made by `chatsmith speedrun`).",
                 ""]
-    order = ("tokenizer", "data", "pretrain", "sft", "rl", "eval base", "eval chat", "report")
+    order = ("tokenizer", "data", "pretrain", "sft", "rl", "eval base", "eval base (whole sets)", "eval chat",
+             "eval sft", "eval sft (whole sets)", "eval rl", "eval rl (whole sets)", "report")
     names = sorted(stages, key=lambda n: (order.index(n) if n in order else len(order), n))  # pipeline order
     rows = [[n, _f(stages[n].get("seconds", 0.0), 1), _duration(stages[n].get("seconds", 0.0))] for n in names]
     total = sum(rec.get("seconds", 0.0) for rec in stages.values())
@@ -446,6 +447,38 @@ def _sft_lines(run: Path, saved: dict, speedrun: dict | None) -> list[str]:
     else:
         lines.append("- chat checks: none recorded (`chat/chat_checks.json` is missing)")
     return lines + [""]
+
+
+def _rl_lines(run: Path) -> list[str]:
+    """The RL run: task, steps, mean reward, and its held-out greedy accuracy before and after, with intervals."""
+    from .tasks.scoring import wilson
+    from .train import read_metrics
+
+    train, evals = read_metrics(run / "rl", "train"), read_metrics(run / "rl", "eval")
+    if not train:
+        return ["No RL yet (`rl/metrics.jsonl` has no train records; `chatsmith rl`).", ""]
+    saved = _read(run / "config.json") or {}
+    task = (saved.get("rl", {}).get("rl") or saved.get("speedrun", {}).get("rl") or {}).get("task", "?")
+    rewards = [r["reward"] for r in train]
+    lines = [f"- task `{task}`, {train[-1]['step']} steps; mean reward {_f(rewards[0], 3)} at step 1, "
+             f"{_f(rewards[-1], 3)} at the last"]
+    if len(evals) >= 2:
+        first, last = evals[0], evals[-1]
+        (lo0, hi0), (lo1, hi1) = wilson(first["correct"], first["n"]), wilson(last["correct"], last["n"])
+        apart = lo1 > hi0 or hi1 < lo0
+        lines.append(f"- held-out questions answered greedily: {first['correct']}/{first['n']} before (95 % "
+                     f"{lo0:.3f}-{hi0:.3f}), {last['correct']}/{last['n']} after step {last['step']} (95 % "
+                     f"{lo1:.3f}-{hi1:.3f}): {'the intervals do not overlap' if apart else 'the intervals overlap'}")
+    return lines + [""]
+
+
+def _tuning_lines(saved: dict) -> list[str]:
+    """The cpu preset's tuning table (chatsmith/tuning_cpu.md, measured when the preset was chosen) for its runs."""
+    presets = {(stage.get("run") or {}).get("preset") for stage in saved.values() if isinstance(stage, dict)}
+    if "cpu" not in presets:
+        return []
+    text = (Path(__file__).parent / "tuning_cpu.md").read_text(encoding="utf-8")
+    return ["## How the cpu preset was tuned", "", text.strip(), ""]
 
 
 def _eval_lines(results: dict[str, dict]) -> list[str]:
@@ -553,9 +586,11 @@ def write(run: Path, measure_tokenizer: bool = True) -> Path:
     lines += ["## Tokenizer", ""] + _tokenizer_lines(tokenizer_table(run, saved, measure_tokenizer))
     lines += ["## Pretraining", ""] + _pretrain_lines(run, saved, speedrun, results)
     lines += ["## Chat fine-tuning (SFT)", ""] + _sft_lines(run, saved, speedrun)
+    lines += ["## RL", ""] + _rl_lines(run)
     lines += ["## Evaluation", ""] + _eval_lines(results)
     lines += ["## Assistant checks", ""] + checks.report_lines(run)
     lines += scaling.report_lines(run, plots)  # the scaling-law section, only when the run has a scale/ directory
+    lines += _tuning_lines(saved)
     lines += ["## Samples", ""] + _sample_lines(run)
     lines += ["## Plots", ""]
     captions = {"loss": "train loss and val bits per byte against tokens", "lr": "learning rate against step",
