@@ -9,6 +9,7 @@ import json
 import os
 import random
 import statistics
+from pathlib import Path
 
 import pytest
 from test_tokenizer import EN, ZH, stage_flags, write_jsonl
@@ -20,7 +21,7 @@ from chatsmith import tokenizer_eval as tev
 from chatsmith.model import GPT
 
 SECTIONS = ("## Machine and versions", "## Wall time per stage", "## Tokenizer", "## Pretraining",
-            "## Chat fine-tuning (SFT)", "## Evaluation", "## Samples", "## Plots", "## Resolved config")
+            "## Chat fine-tuning (SFT)", "## RL", "## Evaluation", "## Samples", "## Plots", "## Resolved config")
 
 
 def jsonl(path, records):
@@ -216,3 +217,26 @@ def test_machine_info_reads_this_machine():
     assert info["cpu"] == model
     flags = set(next(line for line in cpuinfo.splitlines() if line.startswith("flags")).split(":", 1)[1].split())
     assert set(info["cpu_flags"]) == flags & set(report.SPEED_FLAGS)
+
+
+def test_rl_section_and_the_cpu_tuning_table(tmp_path):
+    """The RL section reads rl/metrics.jsonl (intervals from the Wilson formula); the tuning table is shown for cpu
+    runs only, as the file holds it."""
+    from chatsmith.tasks.scoring import wilson
+
+    run = tmp_path / "run"
+    assert report._rl_lines(run)[0].startswith("No RL yet")
+    jsonl(run / "rl" / "metrics.jsonl", [{"kind": "eval", "step": 0, "n": 100, "correct": 29},
+                                         {"kind": "train", "step": 1, "reward": 0.1},
+                                         {"kind": "train", "step": 2, "reward": 0.3},
+                                         {"kind": "eval", "step": 2, "n": 100, "correct": 66}])
+    (run / "config.json").write_text(json.dumps({"rl": {"rl": {"task": "calc"}}}))
+    lines = report._rl_lines(run)
+    lo0, hi0 = wilson(29, 100)
+    lo1, hi1 = wilson(66, 100)
+    assert lines[0] == "- task `calc`, 2 steps; mean reward 0.100 at step 1, 0.300 at the last"
+    assert f"29/100 before (95 % {lo0:.3f}-{hi0:.3f}), 66/100 after step 2 (95 % {lo1:.3f}-{hi1:.3f})" in lines[1]
+    assert lines[1].endswith("the intervals do not overlap") and hi0 < lo1
+    table = (Path(report.__file__).parent / "tuning_cpu.md").read_text(encoding="utf-8").strip()
+    assert report._tuning_lines({"speedrun": {"run": {"preset": "cpu"}}})[2] == table
+    assert report._tuning_lines({"speedrun": {"run": {"preset": "smoke"}}}) == []
