@@ -6,13 +6,14 @@
     torchrun --standalone --nproc_per_node=2 -m chatsmith speedrun    # data parallel (see distributed.py)
 
 Stages: documents + tokenizer (`tokenizer train`) → token shards (`data prepare`) → pretraining (`pretrain`) →
-chat fine-tuning (`sft`, then the assistant checks of checks.py) → RL (`rl`: GRPO on arithmetic with the
-calculator, then the checks again; `--no-rl` skips it) → evaluation of the base, SFT and RL models (`eval`:
-`--eval-limit` items per task, the `--eval-full` tasks on their whole sets, replies up to `--eval-max-tokens`) →
-the report card (`report`); then it prints where the report is and how to chat and serve. Each stage skips work
-already done in the run directory, so rerunning after an interruption continues where it stopped (pretraining, SFT
-and RL resume from their latest checkpoints). `--minutes N` scales the step budgets of the three training stages
-by N / `--budget-minutes` (what the preset is sized for); the other stages take the time they take.
+chat fine-tuning (`sft`) → RL (`rl`: GRPO on arithmetic with the calculator; `--no-rl` skips it) → the assistant
+checks of checks.py, once, on the final model (at the end of RL, or of SFT without RL) → evaluation of the base,
+SFT and RL models (`eval`: `--eval-limit` items per task, the `--eval-full` tasks on their whole sets, replies up to
+`--eval-max-tokens`) → the report card (`report`); then it prints where the report is and how to chat and serve.
+Each stage skips work already done in the run directory, so rerunning after an interruption continues where it
+stopped (pretraining, SFT and RL resume from their latest checkpoints). `--minutes N` scales the step budgets of
+the three training stages by N / `--budget-minutes` (what the preset is sized for); the other stages take the time
+they take.
 
 Wall seconds per stage go to `<run>/speedrun.json` (with the machine and the precision used), summed over reruns: a
 stage interrupted and resumed shows the time of both attempts. A stage that already finished with the same settings
