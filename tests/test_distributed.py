@@ -169,7 +169,7 @@ def test_batch_tokens_must_divide_evenly(prepared, monkeypatch):  # noqa: F811
 
 def test_speedrun_under_torchrun(tmp_path):
     """The README's torchrun speedrun, smoke-sized: rank 0 makes the tokenizer and shards, both ranks pretrain and
-    fine-tune, rank 0 runs the reply checks; the chat model it leaves behind is what `chatsmith chat` loads."""
+    fine-tune, rank 0 runs RL and the assistant checks; the model it leaves behind is what `chatsmith chat` loads."""
     env = {**os.environ, "CHATSMITH_HOME": str(tmp_path)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "chatsmith",
            "speedrun", "--preset", "smoke", "--run-name", "ddp_sr", "--threads", "1"]
@@ -181,7 +181,9 @@ def test_speedrun_under_torchrun(tmp_path):
         assert ck is not None and ck.meta["world_size"] == 2 and len(ck.state["ranks"]) == 2
         steps = [s for s, _ in losses(stage)]
         assert steps == list(range(1, len(steps) + 1)) and steps[-1] == ck.step  # one writer: no duplicate lines
-    assert (run / "chat" / "chat_checks.json").exists()
+    # RL runs on rank 0 alone after the data-parallel SFT, and the assistant checks on its model
+    assert checkpoint.load_latest(run / "rl" / "checkpoints") is not None
+    assert (run / "rl" / "chat_checks.json").exists() and not (run / "chat" / "chat_checks.json").exists()
     assert out.stderr.count("speedrun done:") == 1  # rank 0 logs
     stats = json.loads((run / "data_stats.json").read_text())  # what the context cost both stages' data
     assert stats["pretrain"]["documents"] > 0 and stats["sft"]["conversations"] > 0
