@@ -449,7 +449,7 @@ def _sft_lines(run: Path, saved: dict, speedrun: dict | None) -> list[str]:
     return lines + [""]
 
 
-def _rl_lines(run: Path) -> list[str]:
+def _rl_lines(run: Path, saved: dict) -> list[str]:
     """The RL run: task, steps, mean reward, and its held-out greedy accuracy before and after, with intervals."""
     from .tasks.scoring import wilson
     from .train import read_metrics
@@ -457,7 +457,6 @@ def _rl_lines(run: Path) -> list[str]:
     train, evals = read_metrics(run / "rl", "train"), read_metrics(run / "rl", "eval")
     if not train:
         return ["No RL yet (`rl/metrics.jsonl` has no train records; `chatsmith rl`).", ""]
-    saved = _read(run / "config.json") or {}
     task = (saved.get("rl", {}).get("rl") or saved.get("speedrun", {}).get("rl") or {}).get("task", "?")
     rewards = [r["reward"] for r in train]
     lines = [f"- task `{task}`, {train[-1]['step']} steps; mean reward {_f(rewards[0], 3)} at step 1, "
@@ -586,7 +585,7 @@ def write(run: Path, measure_tokenizer: bool = True) -> Path:
     lines += ["## Tokenizer", ""] + _tokenizer_lines(tokenizer_table(run, saved, measure_tokenizer))
     lines += ["## Pretraining", ""] + _pretrain_lines(run, saved, speedrun, results)
     lines += ["## Chat fine-tuning (SFT)", ""] + _sft_lines(run, saved, speedrun)
-    lines += ["## RL", ""] + _rl_lines(run)
+    lines += ["## RL", ""] + _rl_lines(run, saved)
     lines += ["## Evaluation", ""] + _eval_lines(results)
     lines += ["## Assistant checks", ""] + checks.report_lines(run)
     lines += scaling.report_lines(run, plots)  # the scaling-law section, only when the run has a scale/ directory

@@ -131,9 +131,9 @@ def evaluate_model(cfg: config.SpeedrunStage, run: Path, model: str, clock: Stag
     suite = evaluate.SUITES["base"] if stage == "base" else sp.chat_tasks
     full = [t for t in sp.eval_full if t in suite]
     step = int(ckpts[-1].name.split("_")[1])
+    key = StageClock.fingerprint(sp, step, str(ckpts[-1]))
     for name, tasks, limit in ((f"eval {model}", tuple(t for t in suite if t not in full), sp.eval_limit),
                                (f"eval {model} (whole sets)", tuple(full), 0)):
-        key = StageClock.fingerprint(sp, step, str(ckpts[-1]))
         if not tasks or clock.is_done(name, key):  # a finished pass is not redone
             continue
         with clock.stage(name, key):

@@ -225,13 +225,12 @@ def test_rl_section_and_the_cpu_tuning_table(tmp_path):
     from chatsmith.tasks.scoring import wilson
 
     run = tmp_path / "run"
-    assert report._rl_lines(run)[0].startswith("No RL yet")
+    assert report._rl_lines(run, {})[0].startswith("No RL yet")
     jsonl(run / "rl" / "metrics.jsonl", [{"kind": "eval", "step": 0, "n": 100, "correct": 29},
                                          {"kind": "train", "step": 1, "reward": 0.1},
                                          {"kind": "train", "step": 2, "reward": 0.3},
                                          {"kind": "eval", "step": 2, "n": 100, "correct": 66}])
-    (run / "config.json").write_text(json.dumps({"rl": {"rl": {"task": "calc"}}}))
-    lines = report._rl_lines(run)
+    lines = report._rl_lines(run, {"rl": {"rl": {"task": "calc"}}})
     lo0, hi0 = wilson(29, 100)
     lo1, hi1 = wilson(66, 100)
     assert lines[0] == "- task `calc`, 2 steps; mean reward 0.100 at step 1, 0.300 at the last"
