@@ -92,22 +92,43 @@ class CachedStep:
             return (torch.arange(self.S, device=self.device) <= q_pos.unsqueeze(-1)).view(1, 1, self.T, self.S)
         return (torch.arange(self.S, device=self.device) <= self.pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, S)
 
+    @functools.cached_property
+    def targets(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None:
+        """Where the new keys and values go, per layer, as (B, T, n_kv_head, D) views of the cache (one slicing for
+        all layers, then one copy_ per tensor and layer); None when the rows are not contiguous slots at one length
+        (an indexed write instead)."""
+        if not (self.contiguous and self.start is not None):
+            return None
+        t = slice(self.start, self.start + self.T)
+        return (self.cache.k[:, self.rows, :, t].transpose(2, 3).unbind(0),
+                self.cache.v[:, self.rows, :, t].transpose(2, 3).unbind(0))
+
+    @functools.cached_property
+    def visible(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None:
+        """Per layer, contiguous rows' keys and values up to S: (B, n_kv_head, S, D) views, which see the writes made
+        after they were taken; None for scattered rows (gathered per layer, after that layer's write)."""
+        if not self.contiguous:
+            return None
+        return (self.cache.k[:, self.rows, :, :self.S].unbind(0), self.cache.v[:, self.rows, :, :self.S].unbind(0))
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the new keys and values k, v (B, T, n_kv_head, D) at their positions, in place."""
-        kc, vc = self.cache.layers[layer]  # (slots, n_kv_head, max_len, D)
-        if self.contiguous and self.start is not None:
-            t = slice(self.start, self.start + self.T)
-            kc[self.rows, :, t] = k.transpose(1, 2)  # (B, n_kv_head, T, D)
-            vc[self.rows, :, t] = v.transpose(1, 2)
+        if self.targets is not None:
+            self.targets[0][layer].copy_(k)
+            self.targets[1][layer].copy_(v)
         else:
+            kc, vc = self.cache.layers[layer]  # (slots, n_kv_head, max_len, D)
             where = (self.slot_t.unsqueeze(1).expand_as(self.pos), slice(None), self.pos)  # indexes (B, T, K, D)
             kc[where] = k.to(kc.dtype)
             vc[where] = v.to(vc.dtype)
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """q (B, n_head, T, D) against the slot's keys up to the new ones (written first) -> (B, n_head, T, D)."""
-        kc, vc = self.cache.layers[layer]
-        keys, values = kc[self.rows, :, :self.S], vc[self.rows, :, :self.S]  # (B, n_kv_head, S, D) each
+        if self.visible is not None:
+            keys, values = self.visible[0][layer], self.visible[1][layer]  # (B, n_kv_head, S, D) each
+        else:
+            kc, vc = self.cache.layers[layer]
+            keys, values = kc[self.rows, :, :self.S], vc[self.rows, :, :self.S]
         gqa = keys.size(1) != q.size(1)
         if self.T == 1 and self.start is not None:  # decode rows of one length: each sees all S keys
             return F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
@@ -141,9 +162,8 @@ class LayerCache:
 
 @dataclass
 class _BlockWeights:
-    # matrices as contiguous (in, out): transposed copies
+    # matrices as contiguous (in, out): transposed copies; sqrt(in) is folded in with the norm weight (see _normalize)
     qkv: torch.Tensor  # (C, n_head * D + 2 * n_kv_head * D): q | k | v, attn_norm weight folded into the rows
-    qk_norm: torch.Tensor  # (n_head + n_kv_head, D) fp32: q_norm's weight per query head, then k_norm's
     o: torch.Tensor  # (n_head * D, C)
     gate_up: torch.Tensor  # (C, 2 * intermediate): gate | up, mlp_norm weight folded in
     down: torch.Tensor  # (intermediate, C)
@@ -155,19 +175,25 @@ class InferenceWeights:
     autocast: bool  # the matrices are in the autocast dtype
     blocks: list[_BlockWeights]
     head: torch.Tensor  # (C, vocab), final norm weight folded in
+    qk_norm: torch.Tensor  # (n_layer, n_head + n_kv_head, D) fp32: q_norm's weight per query head, then k_norm's,
+    # times sqrt(D)
+    qk_norm_rolled: torch.Tensor  # the same rolled by D / 2 along D: rotate_half(y * w) = rotate_half(y) * it
     cos: torch.Tensor  # (rope_len, D) fp32: cos(pos * freq) over both halves
     sin: torch.Tensor  # (rope_len, D) fp32: -sin over the first half, sin over the second (rotate_half's sign)
 
 
 def weights_key(model: torch.nn.Module) -> tuple:
     """Changes whenever a parameter or buffer of `model` is modified in place or moved (its version counter and
-    storage): what cached weights and cached keys/values were computed from. The tensor list is collected once
+    storage): what cached weights and cached keys/values were computed from. The tensor lists are collected once
     (walking the modules costs more than a decode step's Python work); `.to()` and load_state_dict keep the
-    Parameter objects and change their storage or version."""
-    tensors = model.__dict__.get("_weight_tensors")
-    if tensors is None:
-        tensors = model.__dict__["_weight_tensors"] = [*model.parameters(), *model.buffers()]
-    return tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors)
+    Parameter objects and change their storage or version. Inference tensors have no version counter (and cannot be
+    modified in place outside inference mode); their storage is in the key."""
+    lists = model.__dict__.get("_weight_tensors")
+    if lists is None:
+        tensors = [*model.parameters(), *model.buffers()]
+        lists = model.__dict__["_weight_tensors"] = (tensors, [t for t in tensors if not t.is_inference()])
+    tensors, versioned = lists
+    return (*[t.data_ptr() for t in tensors], *[t._version for t in versioned])
 
 
 def inference_weights(model) -> InferenceWeights:
@@ -181,33 +207,37 @@ def inference_weights(model) -> InferenceWeights:
     with torch.no_grad(), torch.autocast(device, enabled=False):
         def mat(w: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:
             """w.T contiguous (in, out), so x @ it is F.linear(x, w): a (1, C) row times a row-major (C, out) matrix
-            runs about twice as fast on CPU as against the transposed view (MKL, small shapes)."""
-            w = w if norm is None else w * norm.to(w.dtype)  # W @ (xhat * g) == (W * g) @ xhat
+            runs about twice as fast on CPU as against the transposed view (MKL, small shapes). With `norm`, the
+            weight of the RMSNorm before it times sqrt(in) is folded into the rows."""
+            if norm is not None:  # W @ (xhat * g) == (W * g) @ xhat
+                w = w * (norm.float() * w.size(1) ** 0.5).to(w.dtype)
             return (w.to(dtype) if dtype is not None else w).t().contiguous()
 
-        blocks = []
+        blocks, qk_norm = [], []
         for b in model.blocks:
             a, m = b.attn, b.mlp
             H, K = a.n_head, a.n_kv_head
             blocks.append(_BlockWeights(
                 qkv=mat(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), b.attn_norm.weight),
-                qk_norm=torch.cat([a.q_norm.weight.float().expand(H, -1), a.k_norm.weight.float().expand(K, -1)]),
                 o=mat(a.o_proj.weight), gate_up=mat(torch.cat([m.gate_proj.weight, m.up_proj.weight]),
                                                     b.mlp_norm.weight),
                 down=mat(m.down_proj.weight)))
+            qk_norm.append(torch.cat([a.q_norm.weight.float().expand(H, -1), a.k_norm.weight.float().expand(K, -1)]))
+        qk = torch.stack(qk_norm) * qk_norm[0].size(-1) ** 0.5  # (n_layer, H + K, D)
         cos, sin = model.rope_cos.float(), model.rope_sin.float()
         weights = InferenceWeights(key, dtype is not None, blocks, mat(model.head_weight(), model.norm.weight),
-                                   torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1))
+                                   qk, qk.roll(qk.size(-1) // 2, -1), torch.cat([cos, cos], -1),
+                                   torch.cat([-sin, sin], -1))
     model.__dict__["_inference_weights"] = weights  # a plain attribute: not a parameter, buffer or state_dict entry
     return weights
 
 
 def _normalize(x: torch.Tensor, eps: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """RMSNorm over the last dimension without its weight (folded into the next matmul), computed in fp32, returned
-    in `dtype`. Written out: F.rms_norm dispatches about twice as many small ops, and a decode step is mostly small
-    ops."""
+    """RMSNorm over the last dimension (n wide) without its weight and without the factor sqrt(n), both folded into
+    what follows: x / sqrt(sum(x^2) + n eps) == (x / sqrt(mean(x^2) + eps)) / sqrt(n). Computed in fp32, returned in
+    `dtype`. Written out: F.rms_norm dispatches more small ops, and a decode step is mostly small ops."""
     xf = x if x.dtype == torch.float32 else x.float()
-    y = xf * (xf * xf).sum(-1, keepdim=True).div_(x.size(-1)).add_(eps).rsqrt_()
+    y = xf * (xf * xf).sum(-1, keepdim=True).add_(x.size(-1) * eps).rsqrt_()
     return y if dtype == torch.float32 else y.to(dtype)
 
 
@@ -216,35 +246,48 @@ def _residual(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, autocast: 
     return x + torch.mm(y, weight) if autocast else torch.addmm(x, y, weight)
 
 
-@torch.no_grad()  # inference only: the weight copies may come from an inference_mode caller, which autograd refuses
 def forward_fused(model, idx: torch.Tensor, cache: KVCache, slots: list[int], last_only: bool) -> torch.Tensor:
     """GPT.forward_cached's fused path: idx (B, T) appended to `slots` -> logits (B, T or 1, vocab) fp32. Rows are
-    kept 2-D (B * T, width) so that every projection is one mm on pre-transposed weights."""
+    kept 2-D (B * T, width) so that every projection is one mm on pre-transposed weights. Inference only: autograd is
+    turned off here unless the caller did (the weight copies may come from an inference_mode caller, which autograd
+    refuses)."""
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return _forward_fused(model, idx, cache, slots, last_only)
+    return _forward_fused(model, idx, cache, slots, last_only)
+
+
+def _forward_fused(model, idx: torch.Tensor, cache: KVCache, slots: list[int], last_only: bool) -> torch.Tensor:
     B, T = idx.shape
     N, cfg = B * T, model.config
     H, K, D, eps = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.norm_eps
+    I = cfg.intermediate_size  # noqa: E741
     step = CachedStep(cache, slots, T, idx.device)
     w = inference_weights(model)
     if step.start is not None:  # one length: a slice of the tables for all rows
-        cos = w.cos[step.start:step.start + T].view(1, T, 1, D)  # (1, T, 1, D)
-        sin = w.sin[step.start:step.start + T].view(1, T, 1, D)
+        cos = w.cos[step.start:step.start + T].view(T, 1, 1, D)
+        sin = w.sin[step.start:step.start + T].view(T, 1, 1, D)
     else:
-        cos, sin = w.cos[step.pos].view(B, T, 1, D), w.sin[step.pos].view(B, T, 1, D)  # (B, T, 1, D)
+        cos, sin = w.cos[step.pos].view(B, T, 1, 1, D), w.sin[step.pos].view(B, T, 1, 1, D)
+    # q/k norm weights times the RoPE tables, every layer at once: (B or 1, T, n_layer, H + K, D), per layer by unbind
+    qk_cos, qk_sin = (cos * w.qk_norm).unbind(-3), (sin * w.qk_norm_rolled).unbind(-3)
     x = F.embedding(idx.view(N), model.embed_tokens.weight)  # (N, C)
     kv_dtype = cache.kv.dtype
     for i, bw in enumerate(w.blocks):
         qkv = torch.mm(_normalize(x, eps, x.dtype), bw.qkv).view(B, T, H + 2 * K, D)  # (B, T, n_head + 2 n_kv_head, D)
-        qk = _normalize(qkv[:, :, :H + K], eps).mul_(bw.qk_norm)  # (B, T, n_head + n_kv_head, D) fp32
-        qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)  # NEOX RoPE: y cos + rotate_half(y) sin
+        qk = _normalize(qkv[:, :, :H + K], eps)  # (B, T, n_head + n_kv_head, D) fp32, q/k norm weight not yet applied
+        # weighted, then NEOX RoPE: y cos + rotate_half(y) sin with y = qk * weight; rotate_half(qk * weight) ==
+        # roll(qk) * rolled weight times the signed sin table
+        qk = torch.addcmul(qk * qk_cos[i], qk.roll(D // 2, -1), qk_sin[i])
         step.write(i, qk[:, :, H:], qkv[:, :, H + K:])
         q = qk[:, :, :H].transpose(1, 2)  # (B, n_head, T, D)
         y = step.attend(i, q if q.dtype == kv_dtype else q.to(kv_dtype))  # (B, n_head, T, D)
-        x = _residual(x, y.transpose(1, 2).reshape(N, H * D), bw.o, w.autocast)  # (N, C): x + attention out
+        y = y.reshape(N, H * D) if T == 1 else y.transpose(1, 2).reshape(N, H * D)  # T = 1: the same memory order
+        x = _residual(x, y, bw.o, w.autocast)  # (N, C): x + attention out
         gate_up = torch.mm(_normalize(x, eps, x.dtype), bw.gate_up)  # (N, 2 * intermediate)
-        gate, up = gate_up.chunk(2, dim=-1)
-        x = _residual(x, F.silu(gate).mul_(up), bw.down, w.autocast)
+        x = _residual(x, F.silu(gate_up[:, :I]).mul_(gate_up[:, I:]), bw.down, w.autocast)
     step.advance()
     if last_only and T > 1:
         x = x.view(B, T, -1)[:, -1]  # (B, C)
-    logits = torch.mm(_normalize(x, eps, x.dtype), w.head).float()  # (B * (T or 1), vocab)
-    return logits.view(B, 1 if last_only else T, -1)
+    logits = torch.mm(_normalize(x, eps, x.dtype), w.head)  # (B * (T or 1), vocab)
+    return (logits if logits.dtype == torch.float32 else logits.float()).view(B, 1 if last_only else T, -1)
