@@ -38,8 +38,10 @@ Choices:
   continuation then prefill only the new turn. Cleared when the weights change. Exact up to float rounding: a
   restored block was computed with other matmul shapes (tests check logits and greedy tokens).
 - Chunked prefill: while other sequences decode, a step feeds at most `prefill_chunk` prompt tokens (0 = auto: as
-  many as take about as long as one decode step, measured as the engine runs, at least 16), so running streams keep
-  flowing while a long prompt joins; with nothing decoding a prompt is prefilled in one forward.
+  many as lengthen a decode step by CHUNK_SHARE, measured as the engine runs, at least 16), so running streams keep
+  flowing while a long prompt joins; with nothing decoding a prompt is prefilled in one forward. On the fused path
+  the chunk shares the decode step's forward (kvcache.forward_mixed: the weights are read once for both), so it
+  costs its tokens' arithmetic, not another pass over the model.
 - Both need a model whose cached state is its KV cache alone (`kv_cache_is_state`, as GPT); other models (the
   scripted test models) are prefilled whole and never restored. `fused=False` runs the model's reference modules.
 - Tool calls (hook for chatsmith/tools.py, wired by the caller): pass stop=("</tool_call>",) and
@@ -69,12 +71,14 @@ from dataclasses import dataclass
 import torch
 
 from .common import UserError, log
-from .kvcache import weights_key
+from .kvcache import forward_mixed, weights_key
 from .prefix_cache import PrefixCache
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_ERROR = "stop", "length", "cancelled", "error"
 MIN_CHUNK = 16  # the smallest automatic prefill chunk (one prefix-cache block)
+CHUNK_SHARE = 0.75  # an automatic chunk lengthens the decode step it shares by about this fraction (see
+# _chunk_budget): the streams' longest gap is then about 1 + CHUNK_SHARE times their median gap
 GREEDY_BELOW = 1e-5  # a smaller temperature > 0 means greedy (vLLM's threshold too): dividing fp32 logits by it
 # overflows, and the sampler would return the last id every time
 
@@ -338,6 +342,8 @@ class Engine:
         self._forward_kwargs = {} if fused else {"fused": False}  # ScriptedModels take no extra keyword
         self._decode_s: float | None = None  # moving averages: one decode step, one prefill token
         self._prefill_token_s: float | None = None
+        self._chunk_token_s: float | None = None  # what a prompt token adds to a decode step it rides along with
+        self._fused = fused and self.resumable  # a GPT on its fused path: chunks ride along with decode steps
         self.eos_ids = (tokenizer.special_id("<|im_end|>"), tokenizer.bos_id)
         self._free = list(range(slots))  # sorted: the lowest free slot is taken, so live rows tend to be contiguous
         self._live: list[_Sequence] = []
@@ -429,7 +435,15 @@ class Engine:
             for request in admitted:
                 self._start(request)
             budget = self._chunk_budget() if decoding and self.resumable else None  # None: whole prompts
-            for seq in [s for s in self._live if s.pending]:
+            prefilling = [s for s in self._live if s.pending]
+            decoded = False
+            if budget is not None and self._fused and prefilling:  # the first chunk rides along with the decode
+                live = sorted((s for s in self._live if not s.pending), key=lambda s: s.slot)
+                n = min(budget, len(prefilling[0].pending))
+                decoded = self._mixed_step(prefilling[0], n, live, events)
+                if decoded:
+                    prefilling, budget = prefilling[1:], budget - n
+            for seq in prefilling:
                 n = len(seq.pending) if budget is None else min(budget, len(seq.pending))
                 if n == 0:
                     break
@@ -438,6 +452,8 @@ class Engine:
                         self._accept(seq, tokens[0], events)
                 if budget is not None:
                     budget -= n
+            if decoded:
+                return events
             live = sorted((s for s in self._live if not s.pending), key=lambda s: s.slot)
             t0 = time.perf_counter()
             for group, tokens in self._isolated(live, self._decode, events) if live else ():
@@ -447,14 +463,49 @@ class Engine:
                 self._decode_s = _average(self._decode_s, time.perf_counter() - t0)
             return events
 
+    def _mixed_step(self, seq: _Sequence, n: int, live: list[_Sequence], events: list[Event]) -> bool:
+        """One forward for the decode step of `live` and the next n prompt tokens of `seq` (kvcache.forward_mixed);
+        then sample and emit as the two separate calls would. False (nothing changed) when it raises: the caller
+        runs them apart, each isolated per sequence."""
+        slots = [s.slot for s in live]
+        lengths = [self.cache.lengths[s] for s in (*slots, seq.slot)]
+        t0 = time.perf_counter()
+        try:
+            decode, chunk = forward_mixed(self.model, self.cache, [
+                (torch.tensor([[s.last] for s in live], device=self.device), slots, False),
+                (torch.tensor([seq.pending[:n]], device=self.device), [seq.slot], True)])  # (B, 1, V), (1, 1, V)
+            tokens = self._sample(live, decode[:, -1])
+        except Exception:
+            for s, length in zip((*slots, seq.slot), lengths):
+                self.cache.lengths[s] = length
+            return False
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        # the chunk's share of the step: what it added to a decode step (at least a tenth of the step, for noise)
+        elapsed = time.perf_counter() - t0
+        added = elapsed - self._decode_s if self._decode_s is not None else elapsed / 2
+        self._chunk_token_s = _average(self._chunk_token_s, max(added, elapsed / 10) / n)
+        seq.pending = seq.pending[n:]
+        for s, token in zip(live, tokens):
+            self._accept(s, token, events)
+        if not seq.pending:  # the prompt is in: its first token
+            if self.prefix is not None:
+                self.prefix.store(seq.request.prompt_ids, seq.slot)
+            for _, first in self._isolated([seq], lambda group: self._sample(group, chunk[:, -1]), events):
+                self._accept(seq, first[0], events)
+        return True
+
     def _chunk_budget(self) -> int:
-        """Prompt tokens to prefill in a step while others decode: prefill_chunk, or (auto) about as many as one
-        decode step takes, from the moving averages, at least one prefix-cache block."""
+        """Prompt tokens to prefill in a step while others decode: prefill_chunk, or (auto) as many as add
+        CHUNK_SHARE of a decode step to it, from the moving averages, at least one prefix-cache block. A chunk that
+        rides along with the decode step (fused) adds its tokens' arithmetic; a separate one (the reference path)
+        also costs a pass over the weights, so it is measured as a whole."""
         if self.prefill_chunk:
             return self.prefill_chunk
-        if self._decode_s is None or self._prefill_token_s is None:
+        token_s = self._chunk_token_s if self._fused else self._prefill_token_s
+        if self._decode_s is None or token_s is None:
             return MIN_CHUNK
-        return max(MIN_CHUNK, int(self._decode_s / self._prefill_token_s))
+        return max(MIN_CHUNK, int(CHUNK_SHARE * self._decode_s / token_s))
 
     def _prefill(self, seqs: list[_Sequence], n: int) -> list[int]:
         """Feed the next n prompt tokens of the one sequence; its first token once the prompt is in, else []."""

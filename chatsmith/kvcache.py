@@ -251,43 +251,68 @@ def forward_fused(model, idx: torch.Tensor, cache: KVCache, slots: list[int], la
     kept 2-D (B * T, width) so that every projection is one mm on pre-transposed weights. Inference only: autograd is
     turned off here unless the caller did (the weight copies may come from an inference_mode caller, which autograd
     refuses)."""
+    return forward_mixed(model, cache, [(idx, slots, last_only)])[0]
+
+
+def forward_mixed(model, cache: KVCache, parts: list[tuple[torch.Tensor, list[int], bool]]) -> list[torch.Tensor]:
+    """Several cached forwards in one pass: parts [(idx (B, T), slots, last_only)] on distinct slots -> their logits,
+    as forward_fused gives each. The rows of all parts go through every projection together (the weights are read
+    once: a prefill chunk riding along with a decode step costs its tokens' arithmetic, not a second pass over the
+    model); RoPE, the cache write and attention run per part."""
     if torch.is_grad_enabled():
         with torch.no_grad():
-            return _forward_fused(model, idx, cache, slots, last_only)
-    return _forward_fused(model, idx, cache, slots, last_only)
+            return _forward_mixed(model, cache, parts)
+    return _forward_mixed(model, cache, parts)
 
 
-def _forward_fused(model, idx: torch.Tensor, cache: KVCache, slots: list[int], last_only: bool) -> torch.Tensor:
-    B, T = idx.shape
-    N, cfg = B * T, model.config
+def _forward_mixed(model, cache: KVCache, parts: list[tuple[torch.Tensor, list[int], bool]]) -> list[torch.Tensor]:
+    cfg = model.config
     H, K, D, eps = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.norm_eps
     I = cfg.intermediate_size  # noqa: E741
-    step = CachedStep(cache, slots, T, idx.device)
     w = inference_weights(model)
-    if step.start is not None:  # one length: a slice of the tables for all rows
-        cos = w.cos[step.start:step.start + T].view(T, 1, 1, D)
-        sin = w.sin[step.start:step.start + T].view(T, 1, 1, D)
-    else:
-        cos, sin = w.cos[step.pos].view(B, T, 1, 1, D), w.sin[step.pos].view(B, T, 1, 1, D)
-    # q/k norm weights times the RoPE tables, every layer at once: (B or 1, T, n_layer, H + K, D), per layer by unbind
-    qk_cos, qk_sin = (cos * w.qk_norm).unbind(-3), (sin * w.qk_norm_rolled).unbind(-3)
-    x = F.embedding(idx.view(N), model.embed_tokens.weight)  # (N, C)
+    shapes, steps, tables, offset = [], [], [], 0
+    for idx, slots, _ in parts:
+        B, T = idx.shape
+        step = CachedStep(cache, list(slots), T, idx.device)
+        if step.start is not None:  # one length: a slice of the tables for all rows
+            cos = w.cos[step.start:step.start + T].view(T, 1, 1, D)
+            sin = w.sin[step.start:step.start + T].view(T, 1, 1, D)
+        else:
+            cos, sin = w.cos[step.pos].view(B, T, 1, 1, D), w.sin[step.pos].view(B, T, 1, 1, D)
+        # q/k norm weights times the RoPE tables, every layer at once: (B or 1, T, n_layer, H + K, D), unbound per
+        # layer
+        tables.append(((cos * w.qk_norm).unbind(-3), (sin * w.qk_norm_rolled).unbind(-3)))
+        shapes.append((B, T, offset))
+        steps.append(step)
+        offset += B * T
+    ids = parts[0][0].view(-1) if len(parts) == 1 else torch.cat([idx.view(-1) for idx, _, _ in parts])
+    x = F.embedding(ids, model.embed_tokens.weight)  # (N, C), the parts' rows one after another
     kv_dtype = cache.kv.dtype
     for i, bw in enumerate(w.blocks):
-        qkv = torch.mm(_normalize(x, eps, x.dtype), bw.qkv).view(B, T, H + 2 * K, D)  # (B, T, n_head + 2 n_kv_head, D)
-        qk = _normalize(qkv[:, :, :H + K], eps)  # (B, T, n_head + n_kv_head, D) fp32, q/k norm weight not yet applied
-        # weighted, then NEOX RoPE: y cos + rotate_half(y) sin with y = qk * weight; rotate_half(qk * weight) ==
-        # roll(qk) * rolled weight times the signed sin table
-        qk = torch.addcmul(qk * qk_cos[i], qk.roll(D // 2, -1), qk_sin[i])
-        step.write(i, qk[:, :, H:], qkv[:, :, H + K:])
-        q = qk[:, :, :H].transpose(1, 2)  # (B, n_head, T, D)
-        y = step.attend(i, q if q.dtype == kv_dtype else q.to(kv_dtype))  # (B, n_head, T, D)
-        y = y.reshape(N, H * D) if T == 1 else y.transpose(1, 2).reshape(N, H * D)  # T = 1: the same memory order
-        x = _residual(x, y, bw.o, w.autocast)  # (N, C): x + attention out
+        qkv_rows = torch.mm(_normalize(x, eps, x.dtype), bw.qkv)  # (N, n_head * D + 2 * n_kv_head * D)
+        ys = []
+        for (B, T, off), step, (qk_cos, qk_sin) in zip(shapes, steps, tables):
+            rows = qkv_rows if len(parts) == 1 else qkv_rows[off:off + B * T]
+            qkv = rows.view(B, T, H + 2 * K, D)  # (B, T, n_head + 2 n_kv_head, D)
+            qk = _normalize(qkv[:, :, :H + K], eps)  # (B, T, n_head + n_kv_head, D) fp32, before the q/k norm weight
+            # weighted, then NEOX RoPE: y cos + rotate_half(y) sin with y = qk * weight; rotate_half(qk * weight) ==
+            # roll(qk) * rolled weight, times the signed sin table
+            qk = torch.addcmul(qk * qk_cos[i], qk.roll(D // 2, -1), qk_sin[i])
+            step.write(i, qk[:, :, H:], qkv[:, :, H + K:])
+            q = qk[:, :, :H].transpose(1, 2)  # (B, n_head, T, D)
+            y = step.attend(i, q if q.dtype == kv_dtype else q.to(kv_dtype))  # (B, n_head, T, D)
+            ys.append(y.reshape(B, H * D) if T == 1 else y.transpose(1, 2).reshape(B * T, H * D))  # T = 1: same order
+        x = _residual(x, ys[0] if len(ys) == 1 else torch.cat(ys), bw.o, w.autocast)  # (N, C): x + attention out
         gate_up = torch.mm(_normalize(x, eps, x.dtype), bw.gate_up)  # (N, 2 * intermediate)
         x = _residual(x, F.silu(gate_up[:, :I]).mul_(gate_up[:, I:]), bw.down, w.autocast)
-    step.advance()
-    if last_only and T > 1:
-        x = x.view(B, T, -1)[:, -1]  # (B, C)
-    logits = torch.mm(_normalize(x, eps, x.dtype), w.head)  # (B * (T or 1), vocab)
-    return (logits if logits.dtype == torch.float32 else logits.float()).view(B, 1 if last_only else T, -1)
+    heads, sizes = [], []  # the rows each part wants logits for
+    for (B, T, off), (_, _, last_only) in zip(shapes, parts):
+        rows = x if len(parts) == 1 else x[off:off + B * T]
+        heads.append(rows.view(B, T, -1)[:, -1] if last_only and T > 1 else rows)  # (B or B * T, C)
+        sizes.append(B if last_only else B * T)
+    for step in steps:
+        step.advance()
+    logits = torch.mm(_normalize(heads[0] if len(heads) == 1 else torch.cat(heads), eps, x.dtype), w.head)
+    logits = logits if logits.dtype == torch.float32 else logits.float()  # (rows, vocab)
+    chunks = [logits] if len(parts) == 1 else logits.split(sizes)
+    return [c.view(B, 1 if last_only else T, -1) for c, (B, T, _), (_, _, last_only) in zip(chunks, shapes, parts)]

@@ -173,18 +173,31 @@ def test_fused_weights_follow_in_place_updates(model):
             model.blocks[1].mlp.down_proj.weight.mul_(-1.0)
 
 
-def test_chunked_prefill_keeps_streams_flowing_and_tokens_exact(model, tok, monkeypatch):
+@pytest.mark.parametrize("fused", [True, False])  # chunks ride along with the decode step / separate forwards
+def test_chunked_prefill_keeps_streams_flowing_and_tokens_exact(model, tok, monkeypatch, fused):
     """A 90-token prompt joining a decoding stream is fed 16 tokens per step (the stream gets a token every step),
-    and both give the tokens of full recompute; with nothing decoding a prompt is prefilled in one forward."""
+    and both give the tokens of full recompute; with nothing decoding a prompt is prefilled in one forward. On the
+    fused path each chunk shares one forward with the decode step (kvcache.forward_mixed)."""
+    import chatsmith.engine as engine_module
+
     calls = []
-    forward = model.forward_cached
+    forward, mixed = model.forward_cached, engine_module.forward_mixed
 
     def recording(idx, cache, slots, **kwargs):
         calls.append((tuple(slots), idx.size(1)))
         return forward(idx, cache, slots, **kwargs)
 
+    def recording_mixed(model, cache, parts):
+        assert [tuple(slots) for _, slots, _ in parts] == [(0,), (1,)]  # the decode rows, then the chunk
+        calls.append(((1,), parts[1][0].size(1)))
+        mixed_calls.append(parts[1][0].size(1))
+        return mixed(model, cache, parts)
+
+    mixed_calls = []
+
     monkeypatch.setattr(model, "forward_cached", recording)
-    engine = Engine(model, tok, slots=2, prefill_chunk=16)
+    monkeypatch.setattr(engine_module, "forward_mixed", recording_mixed)
+    engine = Engine(model, tok, slots=2, prefill_chunk=16, fused=fused)
     running = engine.submit(prompts(1)[0], SamplingParams(max_tokens=20, **GREEDY))
     engine.step()
     long_prompt = torch.randint(16, 300, (90,), generator=torch.Generator().manual_seed(8)).tolist()
@@ -194,6 +207,7 @@ def test_chunked_prefill_keeps_streams_flowing_and_tokens_exact(model, tok, monk
         engine.step()
         lengths.append(len(running.token_ids))
     assert [n for slots, n in calls if slots == (1,)] == [16] * 5 + [10]  # 90 tokens in six chunks
+    assert mixed_calls == ([16] * 5 + [10] if fused else [])
     assert lengths == list(range(3, 3 + len(lengths))) and len(lengths) == 6  # one token per step meanwhile
     run(engine, [running, joiner])
     monkeypatch.undo()
@@ -201,17 +215,24 @@ def test_chunked_prefill_keeps_streams_flowing_and_tokens_exact(model, tok, monk
     assert joiner.result().token_ids == greedy_reference(model, long_prompt, 6)
     calls.clear()
     monkeypatch.setattr(model, "forward_cached", recording)
-    alone = Engine(model, tok, slots=1, prefill_chunk=16, prefix_cache_tokens=0).generate(
+    alone = Engine(model, tok, slots=1, prefill_chunk=16, prefix_cache_tokens=0, fused=fused).generate(
         long_prompt, SamplingParams(max_tokens=2, **GREEDY))
     assert calls[0][1] == 90 and alone.token_ids == joiner.token_ids[:2]
 
 
-def test_auto_chunk_budget_follows_the_measured_step_times(model, tok):
-    engine = Engine(model, tok, slots=2)
+@pytest.mark.parametrize("fused", [True, False])
+def test_auto_chunk_budget_follows_the_measured_step_times(model, tok, fused):
+    """The chunk adds CHUNK_SHARE of a decode step: on the fused path by what a prompt token adds to a decode step
+    it rides along with, on the reference path by what a prompt token costs in a separate prefill."""
+    from chatsmith.engine import CHUNK_SHARE
+
+    engine = Engine(model, tok, slots=2, fused=fused)
     assert engine._chunk_budget() == 16  # nothing measured yet: the smallest chunk
-    engine._decode_s, engine._prefill_token_s = 0.004, 0.0001  # a decode step costs as much as 40 prompt tokens
-    assert engine._chunk_budget() == 40
-    engine._prefill_token_s = 0.001
+    measured = "_chunk_token_s" if fused else "_prefill_token_s"
+    engine._decode_s = 0.004
+    setattr(engine, measured, 0.00005)  # a decode step costs as much as 80 prompt tokens
+    assert engine._chunk_budget() == int(CHUNK_SHARE * 80) > 16
+    setattr(engine, measured, 0.001)
     assert engine._chunk_budget() == 16
     assert Engine(model, tok, slots=2, prefill_chunk=7)._chunk_budget() == 7
 

@@ -254,7 +254,8 @@ class _Conversation:
 class _Join:
     """`join_streams` greedy streams decode; after `join_steps` steps a `join_prompt_len`-token prompt is submitted;
     stepping goes on until it has its first token and 4 more steps. Gaps between a stream's successive tokens: the
-    median of those before the join is the baseline, the longest after it is what a user sees stall."""
+    median of those before the join is the baseline, the longest after it is what a user sees stall; the joiner's
+    time to first token (wall) is what chunking costs it."""
 
     def __init__(self, model, tokenizer, b: DecodeBenchConfig, random_prompt):
         self.model, self.tokenizer, self.b = model, tokenizer, b
@@ -265,6 +266,7 @@ class _Join:
         self.gaps: dict[tuple[str, int], list[tuple[float, float, float]]] = {
             (name, clock): [] for name in ("chunked", "whole") for clock in (0, 1)}  # clock 0 wall, 1 CPU
         self.joiner_tokens: dict[str, list[list[int]]] = {"chunked": [], "whole": []}
+        self.joiner_ttft: dict[str, list[float]] = {"chunked": [], "whole": []}  # wall s to its first token
 
     def run(self, timed: bool) -> None:
         from ..engine import Engine, SamplingParams
@@ -283,7 +285,9 @@ class _Join:
             for _ in range(b.join_steps + 1):
                 engine.step()
             before = {r.id: len(stamps[r.id]) for r in streams}
-            joiner = engine.submit(self.joiner, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+            submitted = time.perf_counter()
+            joiner = engine.submit(self.joiner, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True),
+                                   on_event=stamp)
             while not joiner.done:
                 engine.step()
             for r in streams:
@@ -298,6 +302,7 @@ class _Join:
                     median, longest = statistics.median(steady), max(joined)
                     self.gaps[name, clock].append((median, longest, longest / median))
                 self.joiner_tokens[name].append(joiner.result().token_ids)
+                self.joiner_ttft[name].append(stamps[joiner.id][0][0] - submitted)
 
     def summary(self) -> dict:
         out = {"join_streams": self.b.join_streams, "join_prompt_len": self.b.join_prompt_len}
@@ -306,6 +311,8 @@ class _Join:
             out[f"{key}_median_gap_s"] = statistics.median(g[0] for g in gaps)
             out[f"{key}_longest_gap_s"] = statistics.median(g[1] for g in gaps)
             out[f"{key}_gap_ratio"] = statistics.median(g[2] for g in gaps)
+        for name, ttft in self.joiner_ttft.items():
+            out[f"join_{name}_joiner_ttft_s"] = statistics.median(ttft)
         out["join_tokens_match"] = self.joiner_tokens["chunked"] == self.joiner_tokens["whole"]
         return out
 
