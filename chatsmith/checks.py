@@ -19,7 +19,8 @@ interval, its target, and `met` (the observed fraction reaches the target):
   < 0.5 for an English one, measured with the name "chatsmith" itself left out (so "我是 chatsmith。" counts as
   Chinese). Reported for EN and ZH separately too.
 - `arithmetic` (0.90): `--check-arithmetic` problems a op b with a, b in 10..999 and op in +, -, x, half asked in
-  English and half in Chinese with the SFT phrasings (data/chat.py), distinct, seeded, and only those whose calculator
+  English and half in Chinese with the phrasings in `ASK` and `OPS` (fixed here, so the held-out set stays the same
+  when the SFT phrasings in data/chat.py grow), distinct, seeded, and only those whose calculator
   expression hashes to the SFT arithmetic source's held-out split, so no training conversation holds one. Pass: the
   reply's first tool call is the calculator with the same expression (spaces dropped, x and the Unicode minus read as
   * and -: the same operands and operator in the same order, not merely the same value) AND its final answer states
@@ -57,6 +58,10 @@ from .config import ChatCheckConfig, SFTDataConfig, opt
 TARGETS = {"ended": 0.97, "zh": 0.95, "identity": 0.90, "arithmetic": 0.90}
 MAX_TOOL_CALLS = 4  # as `chatsmith chat`
 OPERAND_RANGE = (10, 999)  # 2- and 3-digit operands
+OPS = {"en": {"+": ("plus", "+"), "-": ("minus", "-"), "*": ("times", "×", "multiplied by")},
+       "zh": {"+": ("加", "+"), "-": ("减", "减去"), "*": ("乘以", "×")}}
+ASK = {"en": ("What is {q}?", "Calculate {q}.", "Compute {q}, please.", "How much is {q}?", "Can you work out {q}?"),
+       "zh": ("{q}等于多少？", "请计算{q}。", "{q}是多少？", "帮我算一下{q}。", "{q}等于几？")}
 FILES = {"chat": ("chat", "chat_checks.json"), "rl": ("rl", "chat_checks.json")}  # model kind -> its result file
 
 IDENTITY_EN = (
@@ -255,9 +260,10 @@ def arithmetic_problems(n: int, seed: int, train: bool = False) -> list[Problem]
         if problem.expression in seen or (chat.hash_split(problem.expression, "arithmetic") == "train") != train:
             continue
         seen.add(problem.expression)
-        word = rng.choice((chat._OPS_ZH if zh else chat._OPS_EN)[op])  # the SFT phrasings (data/chat.py)
+        lang = "zh" if zh else "en"
+        word = rng.choice(OPS[lang][op])
         shown = f"{a}{word}{b}" if zh and word not in "+-×÷/" else f"{a} {word} {b}"
-        question = rng.choice(chat._ASK_ZH if zh else chat._ASK_EN).format(q=shown)
+        question = rng.choice(ASK[lang]).format(q=shown)
         out.append(dataclasses.replace(problem, question=question))
     return out
 

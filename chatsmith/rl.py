@@ -29,14 +29,14 @@ held-out questions). At the end the assistant checks (chatsmith/checks.py, `--ch
 from the SFT data the chat model was trained on) run on the RL model: `<run>/rl/chat_checks.json`. `chatsmith chat`,
 `serve` and `eval` load the newest RL model of a run before its SFT model.
 
-Tasks: `arithmetic` and `chain_sum` (reasoning-gym, configured as `chatsmith eval`'s tasks of the same name, drawn
-from seeds far from the seeds evaluation reserves), `gsm_symbolic` (reasoning-gym, its default settings), `gsm8k`
-(gsm_symbolic questions scored by GSM8K's rule: the last number of the answer equals the reference), `calc` (the
-assistant checks' 2-3-digit +, -, x problems in English and Chinese, from the SFT arithmetic source's train split;
-reward 1 only for the right calculator expression and the right stated result, as checks.score_arithmetic judges;
-its held-out questions come from the split no training sees) and `seven` (a toy: any reply that says 7 scores 1;
-for tests). Train and held-out questions are split by a hash of the question text (of the expression for `calc`),
-so they never overlap, whatever the seeds.
+Tasks: `arithmetic`, `chain_sum` and `calc` (reasoning-gym, configured as `chatsmith eval`'s tasks of the same
+name, drawn from seeds far from the seeds evaluation reserves, and never one of the questions evaluation asks),
+`gsm_symbolic` (reasoning-gym, its default settings), `gsm8k` (gsm_symbolic questions scored by GSM8K's rule: the
+last number of the answer equals the reference), `checks` (the assistant checks' 2-3-digit +, -, x problems in
+English and Chinese, from the SFT arithmetic source's train split; reward 1 only for the right calculator expression
+and the right stated result, as checks.score_arithmetic judges; its held-out questions come from the split no
+training sees) and `seven` (a toy: any reply that says 7 scores 1; for tests). Train and held-out questions are
+split by a hash of the question text (of the expression for `checks`), so they never overlap, whatever the seeds.
 """
 
 from __future__ import annotations
@@ -107,9 +107,9 @@ class Task:
 
     def items(self, split: str, seed: int, n: int) -> list[Item]:
         """`n` distinct questions of `split` ("train" or "eval"), the same for the same seed."""
-        if self.name == "calc":  # train: the SFT train split's problems; eval: held-out ones (as the checks ask)
-            from .tasks import arithmetic
+        from .tasks import arithmetic
 
+        if self.name == "checks":  # train: the SFT train split's problems; eval: held-out ones (as the checks ask)
             problems = checks.arithmetic_problems(n + 50, seed + 7919, train=split == "train")
             evaluated = {e["question"].removeprefix("Calculate ").removesuffix(".")
                          for e in arithmetic.dataset("calc")}  # `chatsmith eval`'s calc problems: never trained on
@@ -121,6 +121,8 @@ class Task:
             return [Item(q, "7") for q in pool[:n]]
         out: list[Item] = []
         seen: set[str] = set()
+        if self.name in arithmetic.CONFIGS:  # never a problem `chatsmith eval` asks, whatever the seed drew
+            seen = {e["question"] for e in arithmetic.dataset(self.name)}
         size = max(64, 6 * n)
         for attempt in range(8):  # the split keeps ~4/5 or ~1/5 of a draw; draw again when short
             ds = self._dataset(seed * 1009 + attempt, size)
@@ -138,7 +140,7 @@ class Task:
 
     def score(self, text: str, item: Item, messages: Sequence[dict] = ()) -> float:
         """The reward of a reply whose final text is `text` (`messages`: all its turns, tool calls included)."""
-        if self.name == "calc":  # the right calculator call and the right stated result
+        if self.name == "checks":  # the right calculator call and the right stated result
             return 1.0 if checks.score_arithmetic(messages, item.entry)["pass"] else 0.0
         if self.name == "seven":
             return 1.0 if re.search(r"(?<!\d)7(?!\d)", text or "") else 0.0

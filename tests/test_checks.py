@@ -41,7 +41,7 @@ def sft_identity_questions() -> set[str]:
 def test_the_enumeration_covers_what_the_identity_source_draws():
     every = sft_identity_questions()
     rng = random.Random(0)
-    drawn = {m["content"] for _ in range(5000) for m in chat._identity_draw(rng)[1] if m["role"] == "user"}
+    drawn = {m["content"] for _ in range(20000) for m in chat._identity_draw(rng)[1] if m["role"] == "user"}
     assert drawn <= every and len(drawn) > 0.9 * len(every)  # the test below compares against all of them
 
 

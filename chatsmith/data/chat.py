@@ -164,7 +164,16 @@ _ID_EN = MappingProxyType({
              "Can I ask who you are?", "Who's there?", "What's the name of this chatbot?", "What are you exactly?",
              "Please introduce yourself.", "Which model is answering?", "Is this an AI? What's it called?",
              "Tell me who you are.", "What kind of AI are you?", "Who are you and what can you do?",
-             "Let me know your name.", "What's your model name?", "Who is this assistant?"),
+             "Let me know your name.", "What's your model name?", "Who is this assistant?",
+             "Who am I speaking with?", "What do I call you?", "Do you have a name I can use?",
+             "Who is replying to me?", "What is this bot called?", "Give me your name.", "State your name.",
+             "Tell me what you're called.", "What name do you go by?", "Which assistant are you?",
+             "Which language model is this?", "Are you a chatbot?", "What sort of program are you?",
+             "Describe who you are.", "Introduce yourself to me.", "Who's talking?", "Who is on the other end?",
+             "What model is answering me?", "Which AI is this?", "What are you, an AI?", "Tell me about you.",
+             "What AI am I chatting with?", "Which system is this?", "Your name, please?", "What's your name again?",
+             "Sorry, who are you?", "Can you say your name?", "Could you introduce yourself?",
+             "In one line, who are you?", "Who are you, briefly?", "What's the assistant's name?"),
             ("I am chatsmith, a small assistant trained from scratch with the chatsmith codebase: its own tokenizer, "
              "pretraining and chat fine-tuning, all on modest hardware. Ask me anything; I am small, so I can be "
              "wrong.",
@@ -206,7 +215,13 @@ _ID_ZH = MappingProxyType({
              "你是机器人吗？", "这是谁在回答？", "我在跟哪个助手聊天？", "你是哪个AI？", "请介绍一下你自己。",
              "说说你是谁。", "你的名字？", "你是什么东西？", "这个聊天机器人叫什么？", "请问你叫什么名字？",
              "你是哪家的模型？", "和我聊天的是谁？", "可以介绍一下自己吗？", "你是一个什么样的模型？",
-             "请问你是谁？", "你是什么助手？", "告诉我你的名字。", "你叫什么名字呀？", "你好，你是谁？"),
+             "请问你是谁？", "你是什么助手？", "告诉我你的名字。", "你叫什么名字呀？", "你好，你是谁？",
+             "请告诉我你是谁。", "你是谁呀？", "我在和什么模型对话？", "给我介绍一下你。", "报一下你的名字。",
+             "你怎么称呼？", "这个机器人是谁？", "请问这个模型叫什么？", "你是什么系统？", "请简单说说你是谁。",
+             "先介绍一下你自己吧。", "你叫什么，是做什么的？", "你是一个聊天机器人吗？", "你是程序吗？",
+             "告诉我你是什么。", "你好，请问你叫什么？", "能说说你是什么模型吗？", "你的名字叫什么？",
+             "我该如何称呼你？", "现在回复我的是什么？", "你是什么AI？", "你是什么模型做的助手？",
+             "你是哪种助手？", "跟我说话的是什么？", "你是做什么的？叫什么？"),
             ("我是 chatsmith，一个从零开始训练的小型助手：分词器、预训练和对话微调都由 chatsmith 代码库完成。"
              "有问题尽管问，不过我比较小，也会犯错。",
              "我叫 chatsmith，是一个从零训练的小语言模型，会说中文和英文，能用计算器算数，也能解释成语。",
@@ -261,9 +276,10 @@ def identity_conversations(split: str, n: int, seed: int) -> list[Conversation]:
 # ---------------------------------------------------------------------------------------------------------------------
 # arithmetic with the calculator tool
 
-_OPS_EN = MappingProxyType({"+": ("plus", "+"), "-": ("minus", "-"), "*": ("times", "×", "multiplied by"),
+# "*" too: people type it, and reasoning-gym asks "Calculate 60 * 69." (a model that never saw it called 60 / 69)
+_OPS_EN = MappingProxyType({"+": ("plus", "+"), "-": ("minus", "-"), "*": ("times", "×", "multiplied by", "*"),
                             "/": ("divided by", "÷", "/")})
-_OPS_ZH = MappingProxyType({"+": ("加", "+"), "-": ("减", "减去"), "*": ("乘以", "×"), "/": ("除以", "÷")})
+_OPS_ZH = MappingProxyType({"+": ("加", "+"), "-": ("减", "减去"), "*": ("乘以", "×", "*"), "/": ("除以", "÷")})
 _ASK_EN = ("What is {q}?", "Calculate {q}.", "Compute {q}, please.", "How much is {q}?", "Can you work out {q}?")
 _ASK_ZH = ("{q}等于多少？", "请计算{q}。", "{q}是多少？", "帮我算一下{q}。", "{q}等于几？")
 _CALL_EN = ("", "", "Let me calculate that.", "I'll use the calculator.")
@@ -318,7 +334,7 @@ def arithmetic_problem(rng: random.Random) -> tuple[str, str, str, bool]:
         return out
 
     expr = join(terms, symbols, lambda s: f" {s} ")
-    question_text = join(terms, words, lambda w: w if zh and w not in "+-×÷/" else f" {w} ")  # 3加4, 3 + 4
+    question_text = join(terms, words, lambda w: w if zh and w not in "+-×÷/*" else f" {w} ")  # 3加4, 3 + 4
     shown = join(terms, [s.replace("*", "×").replace("/", "÷") for s in symbols], lambda s: f" {s} ")
     if kind == "chain" and rng.random() < 0.5:  # parentheses around the first two terms
         close = len(terms[0]) + 3 + len(terms[1])
