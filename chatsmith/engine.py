@@ -423,7 +423,8 @@ class Engine:
             events: list[Event] = []
             with self._lock:
                 cancelled, self._cancelled = self._cancelled, set()
-                self._waiting = deque(r for r in self._waiting if r not in cancelled)
+                if cancelled:
+                    self._waiting = deque(r for r in self._waiting if r not in cancelled)
             for request in cancelled:  # first, so that their slots serve this step's admissions
                 if request.done:  # it finished in the step before the cancel arrived
                     continue
@@ -602,6 +603,8 @@ class Engine:
         if self.tokenizer.vocab_size < logits.size(-1):  # a padded model vocabulary: never emit ids without text
             logits[:, self.tokenizer.vocab_size:] = float("-inf")
         params = [s.request.params for s in seqs]
+        if not any(p.temperature > 0 or p.penalized for p in params):  # all greedy: no penalty or filter tensors
+            return logits.argmax(dim=-1).tolist()
         rows = [i for i, p in enumerate(params) if p.penalized]
         if rows:
             def column(name: str) -> torch.Tensor:
