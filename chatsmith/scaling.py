@@ -11,13 +11,14 @@ shares), `ladder.json`, `fit.json`, `prediction.json`, `scaling.json` and `scali
 
 1. ladder: models from one shape rule, the --depth dial (width = depth x aspect, heads = width / head_dim), so
    non-embedding parameters N (the blocks: neither the token embedding nor the untied head) grow about as depth^3:
-   the cpu preset's depths 4, 5, 6, 8 step N by 1.95x, 1.73x, 2.37x (the smoke preset's 1-4 only exercise the
-   machinery); D = tokens_per_param x N training tokens; every rung at least `min_steps` optimizer steps
-   (the device batch is fixed, so every rung is scored on the same held-out windows of train.evaluate; the batch grows
-   by gradient accumulation for larger rungs); the project's LR rule (optim.py's 1/sqrt(width) scaling of the AdamW
-   rates, Muon's rate as is); `seeds` seeds per rung. Each rung records its val loss (nats/token) and bpb, the eval
-   set's standard error (over held-out batches) and the seed spread. A finished rung is skipped; an interrupted one
-   resumes from its checkpoint (train.pretrain with --resume).
+   the cpu preset's depths 3, 4, 5, 6 step N by 2.37x, 1.95x, 1.73x (the smoke preset's 1-4 only exercise the
+   machinery); D = tokens_per_param x N training tokens (documents cut into row-sized pieces, so no rung repeats
+   data); every rung at least `min_steps` optimizer steps of at least `min_batch` sequences, larger rungs larger
+   batches (forward passes of up to device_batch sequences, then gradient accumulation); the project's LR rule
+   (optim.py's 1/sqrt(width) scaling of the AdamW rates, Muon's rate as is); `seeds` seeds per rung; fp32 (pinned:
+   the same recipe on every machine). Every rung is scored on the same held-out windows (device_batch x seq_len,
+   eval_tokens): val loss (nats/token), bpb, their standard error over those batches; and the seed spread. A
+   finished rung is skipped; an interrupted one resumes from its checkpoint (train.pretrain with --resume).
 2. fit: L(N) = E + A N^-alpha by a Huber loss (delta 1e-3) on log L, L-BFGS-B from a grid of starting points
    (Hoffmann et al. 2022), N without and with embeddings; the compute form L(C), C = training FLOPs; the Chinchilla
    form L(N, D) = E + A/N^a + B/D^b only when the ladder's D/N varies (one fixed line does not identify it). The 90 %
@@ -25,7 +26,7 @@ shares), `ladder.json`, `fit.json`, `prediction.json`, `scaling.json` and `scali
    each rung, refits, predicts, and adds a resampled seed deviation (the target is one seed, too). Seed bootstrap
    alone was far too narrow in a pilot. prediction.json (value, interval, fit, law, timestamp, git SHA) is written
    and fsynced before the target's training starts, and never rewritten.
-3. verify: the target (the cpu preset's depth 10: 1.95x the largest rung in N) with the same recipe; relative error,
+3. verify: the target (the cpu preset's depth 8: 2.37x the largest rung in N) with the same recipe; relative error,
    error on the reducible part, inside-interval, the extrapolation factors in N and C, and the same errors for two
    baselines (a pure power law without E; "same as the largest rung").
 
@@ -52,11 +53,13 @@ HUBER_DELTA = 1e-3
 
 # preset -> ladder defaults (a ScaleConfig field left at 0 or empty takes these)
 LADDERS = {
-    # smoke: the machinery only (CI): so few tokens per parameter that most rungs are held at min_steps of one row
+    # smoke: the machinery only (CI): so few tokens per parameter that most rungs are held at min_steps of min_batch
     "smoke": {"depths": (1, 2, 3, 4), "target_depth": 5, "seeds": 2, "tokens_per_param": 0.02, "min_steps": 12,
-              "aspect": 16, "head_dim": 16, "seq_len": 64, "device_batch": 2, "eval_tokens": 1024},
-    "cpu": {"depths": (4, 5, 6, 8), "target_depth": 10, "seeds": 2, "tokens_per_param": 1.3, "min_steps": 1000,
-            "aspect": 16, "head_dim": 16, "seq_len": 128, "device_batch": 2, "eval_tokens": 65536},
+              "aspect": 16, "head_dim": 16, "seq_len": 64, "min_batch": 2, "device_batch": 2, "eval_tokens": 1024,
+              "precision": "auto"},
+    "cpu": {"depths": (3, 4, 5, 6), "target_depth": 8, "seeds": 2, "tokens_per_param": 1.0, "min_steps": 1000,
+            "aspect": 16, "head_dim": 16, "seq_len": 64, "min_batch": 1, "device_batch": 16, "eval_tokens": 32768,
+            "precision": "fp32"},
 }
 
 
@@ -71,13 +74,16 @@ class ScaleConfig:
     aspect: int = opt(0, "width per layer of depth; 0: the preset's", min=0, max=2**16)
     head_dim: int = opt(0, "attention head width; 0: the preset's", min=0, max=4096)
     seq_len: int = opt(0, "context length; 0: the preset's", min=0, max=2**20)
-    device_batch: int = opt(0, "sequences per forward pass, the same for every rung; 0: the preset's", min=0,
-                            max=2**16)
+    min_batch: int = opt(0, "fewest sequences per optimizer step (the smallest rungs'); 0: the preset's", min=0,
+                         max=2**16)
+    device_batch: int = opt(0, "most sequences per forward pass (more are accumulated), also the eval batch; 0: the "
+                               "preset's", min=0, max=2**16)
     eval_tokens: int = opt(0, "held-out tokens every rung is scored on; 0: the preset's", min=0, max=2**40)
     bootstrap: int = opt(200, "bootstrap replicates of the interval", min=10, max=100_000)
     level: float = opt(0.9, "interval coverage", min=0.5, max=0.999)
     until: str = opt("verify", "last step to run", choices=("ladder", "fit", "verify"))
     threads: int = opt(0, "torch threads for training; 0 leaves torch's default", min=0, max=4096)
+    precision: str = opt("", "training and eval precision; empty: the preset's", choices=("", "auto", "bf16", "fp32"))
 
 
 @dataclass(frozen=True)
@@ -243,6 +249,8 @@ def resolved(cfg: ScaleStage) -> ScaleConfig:
                         f"{max(sc.depths)}")
     if len(sc.depths) < 3:
         raise UserError("the ladder needs at least 3 depths to fit E, A and alpha")
+    if sc.min_batch > sc.device_batch:
+        raise UserError(f"--min-batch {sc.min_batch} must not exceed --device-batch {sc.device_batch}")
     return sc
 
 
@@ -264,16 +272,17 @@ def shape(depth: int, sc: ScaleConfig, vocab: int) -> dict:
 
 
 def plan(depth: int, sc: ScaleConfig, vocab: int) -> dict:
-    """Steps and batch of one rung: D = tokens_per_param x N tokens in >= min_steps steps of a whole number of
-    device batches."""
+    """Steps and batch of one rung: D = tokens_per_param x N tokens in >= min_steps steps of >= min_batch sequences,
+    in forward passes of up to device_batch sequences (a step of more is a whole number of them, accumulated)."""
     s = shape(depth, sc, vocab)
-    row = sc.device_batch * sc.seq_len
     want = sc.tokens_per_param * s["n"]
-    micro = max(1, int(want // (sc.min_steps * row)))  # device batches per step
-    steps = max(sc.min_steps, round(want / (micro * row)))
-    tokens = steps * micro * row
-    return {**s, "steps": steps, "batch_tokens": micro * row, "tokens": tokens,
-            "compute": s["flops_per_token"] * tokens}
+    rows = max(sc.min_batch, int(want // (sc.min_steps * sc.seq_len)))  # sequences per step
+    if rows > sc.device_batch:
+        rows -= rows % sc.device_batch
+    steps = max(sc.min_steps, round(want / (rows * sc.seq_len)))
+    tokens = steps * rows * sc.seq_len
+    return {**s, "steps": steps, "batch_tokens": rows * sc.seq_len, "forward_batch": min(rows, sc.device_batch),
+            "tokens": tokens, "compute": s["flops_per_token"] * tokens}
 
 
 def rung_config(name: str, depth: int, seed: int, p: dict, sc: ScaleConfig, preset: str):
@@ -281,9 +290,10 @@ def rung_config(name: str, depth: int, seed: int, p: dict, sc: ScaleConfig, pres
     return config.make(config.PretrainStage, {
         "run": {"preset": preset, "run": name, "seed": seed},
         "model": {"depth": depth, "aspect": sc.aspect, "head_dim": sc.head_dim, "seq_len": sc.seq_len, "n_embd": 0},
-        "train": {"steps": p["steps"], "device_batch": sc.device_batch, "batch_tokens": p["batch_tokens"],
-                  "eval_every": p["steps"], "eval_tokens": sc.eval_tokens, "ckpt_every": max(1, p["steps"] // 5),
-                  "sample_every": p["steps"], "resume": True, "threads": sc.threads, "keep_last": 1},
+        "train": {"steps": p["steps"], "device_batch": p["forward_batch"], "batch_tokens": p["batch_tokens"],
+                  "eval_every": 0, "ckpt_every": max(1, p["steps"] // 5), "sample_every": p["steps"],
+                  "resume": True, "threads": sc.threads, "keep_last": 1, "precision": sc.precision or "auto",
+                  "keep_tails": True},  # short rows: dropping tails would leave a tenth of the tokens (repeated)
     })
 
 
@@ -300,8 +310,7 @@ def train_rung(scale_dir: Path, parent: Path, name: str, depth: int, seed: int, 
     started = time.time()
     train.pretrain(cfg, out=rung, data=parent)
     windows = val_windows(rung, parent, sc)
-    val = train.read_metrics(rung, "val")[-1]
-    rec = {**p, "name": name, "seed": seed, "val_loss": val["val_loss"], "val_bpb": val["val_bpb"],
+    rec = {**p, "name": name, "seed": seed, "val_loss": windows["loss"], "val_bpb": windows["bpb"],
            "eval_se": windows["se"], "eval_windows": windows["count"], "started_at": started,
            "finished_at": time.time()}
     atomic_write_json(done, rec)
@@ -309,21 +318,28 @@ def train_rung(scale_dir: Path, parent: Path, name: str, depth: int, seed: int, 
 
 
 def val_windows(rung: Path, parent: Path, sc: ScaleConfig) -> dict:
-    """Standard error of the val loss of the rung's last checkpoint over the fixed held-out batches of the parent
-    run (each scored by train.evaluate)."""
+    """The val loss (nats per token) and bpb of the rung's last checkpoint on the parent run's held-out windows, the
+    same for every rung (device_batch x seq_len, eval_tokens), and its standard error over those batches (each scored
+    by train.evaluate)."""
     from . import train
     from .checkpoint import LoadConfig, list_checkpoints, load_model
     from .data.shards import iter_val_batches
 
     last = list_checkpoints(rung / "checkpoints")[-1]
-    loaded = load_model(LoadConfig(run=parent.name, checkpoint=str(last), precision="auto", threads=sc.threads),
-                        stage="base")
+    loaded = load_model(LoadConfig(run=parent.name, checkpoint=str(last), precision=sc.precision or "auto",
+                                   threads=sc.threads), stage="base")
     device = next(loaded.model.parameters()).device.type
-    losses = [train.evaluate(loaded.model, [batch], loaded.tokenizer.token_bytes(), device, loaded.autocast_dtype)
-              ["loss"] for batch in iter_val_batches(parent / "shards" / "val", sc.device_batch, sc.seq_len,
-                                                     sc.eval_tokens)]
+    token_bytes = loaded.tokenizer.token_bytes()
+    rows = []  # (loss, targets, bytes) per batch: the loss over all windows weighs each batch by its targets
+    for x, y in iter_val_batches(parent / "shards" / "val", sc.device_batch, sc.seq_len, sc.eval_tokens):
+        b = token_bytes[y.clamp(min=0)] * (y >= 0)
+        rows.append((train.evaluate(loaded.model, [(x, y)], token_bytes, device, loaded.autocast_dtype)["loss"],
+                     int((b > 0).sum()), int(b.sum())))
+    losses, targets, nbytes = (np.array(c, float) for c in zip(*rows))
     se = float(np.std(losses, ddof=1) / math.sqrt(len(losses))) if len(losses) > 1 else float("nan")
-    return {"se": se, "count": len(losses), "mean": float(np.mean(losses))}
+    nats = float((losses * targets).sum())
+    return {"loss": nats / float(targets.sum()), "bpb": nats / (math.log(2) * float(nbytes.sum())), "se": se,
+            "count": len(rows)}
 
 
 def ladder(cfg: ScaleStage, sc: ScaleConfig, scale_dir: Path, parent: Path, vocab: int) -> list[dict]:

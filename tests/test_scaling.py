@@ -89,7 +89,9 @@ def fake_parent(chatsmith_home, monkeypatch):
         return {}
 
     monkeypatch.setattr(train, "pretrain", fake_pretrain)
-    monkeypatch.setattr(scaling, "val_windows", lambda rung, data, sc: {"se": 0.001, "count": 4})
+    monkeypatch.setattr(scaling, "val_windows", lambda rung, data, sc: {
+        "loss": train.read_metrics(rung, "val")[-1]["val_loss"], "bpb": train.read_metrics(rung, "val")[-1]["val_bpb"],
+        "se": 0.001, "count": 4})
     return parent, calls
 
 
@@ -214,12 +216,34 @@ def test_pretrain_into_a_rung_directory_matches_pretrain_in_the_run(tmp_path, ch
                                                        for r in train.read_metrics(parent, kind)])
     # the rung's last checkpoint on the parent's held-out windows: here one window, the whole val split, so its
     # loss is the training's final val loss (up to bf16, which precision "auto" may choose)
-    windows = scaling.val_windows(rung, parent, scaling.ScaleConfig(device_batch=4, seq_len=128, eval_tokens=2048))
+    windows = scaling.val_windows(rung, parent, scaling.ScaleConfig(device_batch=4, seq_len=128, eval_tokens=2048,
+                                                                    precision="fp32"))
     assert windows["count"] == 1
-    assert windows["mean"] == pytest.approx(train.read_metrics(rung, "val")[-1]["val_loss"], rel=1e-2)
+    assert windows["loss"] == pytest.approx(train.read_metrics(rung, "val")[-1]["val_loss"], rel=1e-5)
+    assert windows["bpb"] == pytest.approx(train.read_metrics(rung, "val")[-1]["val_bpb"], rel=1e-5)
     windows = scaling.val_windows(rung, parent, scaling.ScaleConfig(device_batch=1, seq_len=128, eval_tokens=1024))
     expected = len(list(iter_val_batches(parent / "shards" / "val", 1, 128, 1024)))
     assert windows["count"] == expected >= 2 and windows["se"] > 0
+
+
+@pytest.mark.parametrize("preset", ["smoke", "cpu"])
+def test_ladder_plans_follow_the_rules(preset):
+    """Each preset's rungs and target: N about doubling per rung, the target 2-4x the largest rung (cpu), one
+    tokens-per-parameter line where min_steps does not bind, >= min_steps steps of whole forward passes, counted here
+    from the plans' own numbers."""
+    sc = scaling.resolved(config.make(scaling.ScaleStage, {"run": {"preset": preset, "run": "x"}}))
+    plans = [scaling.plan(d, sc, 8192) for d in (*sc.depths, sc.target_depth)]
+    for p in plans:
+        rows = p["batch_tokens"] // sc.seq_len
+        assert p["steps"] >= sc.min_steps and rows >= sc.min_batch and p["tokens"] == p["steps"] * p["batch_tokens"]
+        assert p["forward_batch"] <= sc.device_batch and rows % p["forward_batch"] == 0
+        if p["steps"] > sc.min_steps + 1:  # the line binds, not the floor: D = tokens_per_param x N
+            assert p["tokens"] == pytest.approx(sc.tokens_per_param * p["n"], rel=0.02)
+    if preset == "cpu":
+        assert all(p["tokens"] == pytest.approx(sc.tokens_per_param * p["n"], rel=0.02) for p in plans)
+        ratios = [b["n"] / a["n"] for a, b in zip(plans, plans[1:-1])]
+        assert len(plans) - 1 in (4, 5) and all(1.6 <= r <= 2.5 for r in ratios), ratios
+        assert 2 <= plans[-1]["n"] / plans[-2]["n"] <= 4 and sc.seeds >= 2 and sc.min_steps >= 1000
 
 
 def test_predict_without_a_fit_is_one_sentence(chatsmith_home, capsys):
