@@ -74,10 +74,9 @@ class ScaleConfig:
     aspect: int = opt(0, "width per layer of depth; 0: the preset's", min=0, max=2**16)
     head_dim: int = opt(0, "attention head width; 0: the preset's", min=0, max=4096)
     seq_len: int = opt(0, "context length; 0: the preset's", min=0, max=2**20)
-    min_batch: int = opt(0, "fewest sequences per optimizer step (the smallest rungs'); 0: the preset's", min=0,
-                         max=2**16)
-    device_batch: int = opt(0, "most sequences per forward pass (more are accumulated), also the eval batch; 0: the "
-                               "preset's", min=0, max=2**16)
+    min_batch: int = opt(0, "fewest sequences per step (the smallest rungs'); 0: the preset's", min=0, max=2**16)
+    device_batch: int = opt(0, "most sequences per forward pass, also the eval batch; 0: the preset's", min=0,
+                            max=2**16)
     eval_tokens: int = opt(0, "held-out tokens every rung is scored on; 0: the preset's", min=0, max=2**40)
     bootstrap: int = opt(200, "bootstrap replicates of the interval", min=10, max=100_000)
     level: float = opt(0.9, "interval coverage", min=0.5, max=0.999)
@@ -109,21 +108,31 @@ class PredictStage:
 
 def law(logn: np.ndarray, p: np.ndarray) -> np.ndarray:
     """E + A N^-alpha with p = (log E, log A, alpha), from log N; log E = -inf gives the pure power law."""
-    e, a, alpha = p
-    return np.exp(np.logaddexp(e, a - alpha * logn))
+    return np.exp(np.logaddexp(p[0], p[1] - p[2] * logn))
 
 
 def _huber(r: np.ndarray, delta: float = HUBER_DELTA) -> np.ndarray:
-    small = np.abs(r) <= delta
-    return np.where(small, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta))
+    return np.where(np.abs(r) <= delta, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta))
+
+
+def _best_fit(objective, starts: list, bounds: list):
+    """The lowest of the L-BFGS-B minima of `objective` (value and gradient) from each start."""
+    from scipy.optimize import minimize
+    from threadpoolctl import threadpool_limits
+
+    best = None
+    with threadpool_limits(1, user_api="blas"):  # 3-vectors: BLAS threads only add their synchronisation
+        for q0 in starts:
+            res = minimize(objective, q0, jac=True, method="L-BFGS-B", bounds=bounds)
+            best = res if best is None or res.fun < best.fun else best
+            if best.fun < 1e-14:
+                break
+    return best
 
 
 def fit_law(n: np.ndarray, loss: np.ndarray, inits: list | None = None, with_e: bool = True) -> dict:
     """Fit L(N) = E + A N^-alpha (or A N^-alpha without E) by a Huber loss on log L, L-BFGS-B from each start of a
     grid (or `inits`), keeping the best; returns {"E", "A", "alpha", "p", "objective"}."""
-    from scipy.optimize import minimize
-    from threadpoolctl import threadpool_limits
-
     logn, logl = np.log(np.asarray(n, float)), np.log(np.asarray(loss, float))
     c = float(logn.mean())  # fitted as log A' = log A - alpha c on centred log N: far better conditioned
     logn = logn - c
@@ -143,16 +152,8 @@ def fit_law(n: np.ndarray, loss: np.ndarray, inits: list | None = None, with_e: 
         grid = [(e, a, al) for e in (-1.0, 0.5, 1.5) for a in (0.0, 3.0, 8.0) for al in (0.1, 0.4, 1.0)]
         inits = grid if with_e else [(a, al) for a in (0.0, 3.0, 8.0) for al in (0.05, 0.3, 1.0)]
     bounds = [(-12.0, 5.0), (-60.0, 60.0), (0.0, 3.0)] if with_e else [(-60.0, 60.0), (0.0, 3.0)]
-    best = None
-    with threadpool_limits(1, user_api="blas"):  # 3-vectors: BLAS threads only add their synchronisation
-        for q0 in inits:
-            q0 = np.asarray(q0, float)[-len(bounds):].copy()
-            q0[-2] -= q0[-1] * c
-            res = minimize(objective, q0, jac=True, method="L-BFGS-B", bounds=bounds)
-            if best is None or res.fun < best.fun:
-                best = res
-            if best.fun < 1e-14:
-                break
+    starts = [np.asarray(q, float)[-len(bounds):] for q in inits]
+    best = _best_fit(objective, [np.r_[q[:-2], q[-2] - q[-1] * c, q[-1]] for q in starts], bounds)
     p = best.x.copy() if with_e else np.array([-np.inf, *best.x])
     p[1] += p[2] * c
     return {"E": float(np.exp(p[0])), "A": float(np.exp(p[1])), "alpha": float(p[2]), "p": [float(v) for v in p],
@@ -161,9 +162,6 @@ def fit_law(n: np.ndarray, loss: np.ndarray, inits: list | None = None, with_e: 
 
 def fit_chinchilla(n: np.ndarray, d: np.ndarray, loss: np.ndarray) -> dict:
     """L(N, D) = E + A/N^a + B/D^b by the same Huber-on-log-L fit from a grid (Hoffmann et al. 2022, approach 3)."""
-    from scipy.optimize import minimize
-    from threadpoolctl import threadpool_limits
-
     logn, logd, logl = np.log(n), np.log(d), np.log(loss)
     cn, cd = float(logn.mean()), float(logd.mean())  # centred, as in fit_law
     logn, logd = logn - cn, logd - cd
@@ -179,14 +177,8 @@ def fit_chinchilla(n: np.ndarray, d: np.ndarray, loss: np.ndarray) -> dict:
                 -(psi * w[2] * logd).sum()]
         return float(_huber(r).sum()), np.array(grad)
 
-    best = None
     starts = [(e, a, al, b, al) for e in (-1.0, 0.5, 1.5) for a in (0.0, 3.0) for b in (0.0, 3.0) for al in (0.2, 0.5)]
-    with threadpool_limits(1, user_api="blas"):  # as in fit_law
-        for q0 in starts:
-            res = minimize(objective, q0, jac=True, method="L-BFGS-B",
-                           bounds=[(-12, 5), (-60, 60), (0, 3), (-60, 60), (0, 3)])
-            if best is None or res.fun < best.fun:
-                best = res
+    best = _best_fit(objective, starts, [(-12, 5), (-60, 60), (0, 3), (-60, 60), (0, 3)])
     e, a, al, b, be = best.x
     a, b = a + al * cn, b + be * cd
     return {"E": float(np.exp(e)), "A": float(np.exp(a)), "alpha": float(al), "B": float(np.exp(b)),
@@ -263,12 +255,9 @@ def shape(depth: int, sc: ScaleConfig, vocab: int) -> dict:
     mcfg = ModelConfig(depth=depth, aspect=sc.aspect, head_dim=sc.head_dim, seq_len=sc.seq_len).resolve(vocab)
     with torch.device("meta"):
         model = GPT(mcfg)
-    total = model.num_params()
-    nonembed = model.num_params(non_embedding=True)
-    if model.lm_head is not None:
-        nonembed -= model.head_weight().numel()
-    return {"depth": depth, "width": mcfg.n_embd, "n": nonembed, "n_total": total,
-            "flops_per_token": model.flops_per_token()}
+    head = model.head_weight().numel() if model.lm_head is not None else 0  # an untied head is an embedding, too
+    return {"depth": depth, "width": mcfg.n_embd, "n": model.num_params(non_embedding=True) - head,
+            "n_total": model.num_params(), "flops_per_token": model.flops_per_token()}
 
 
 def plan(depth: int, sc: ScaleConfig, vocab: int) -> dict:
@@ -310,9 +299,8 @@ def train_rung(scale_dir: Path, parent: Path, name: str, depth: int, seed: int, 
     started = time.time()
     train.pretrain(cfg, out=rung, data=parent)
     windows = val_windows(rung, parent, sc)
-    rec = {**p, "name": name, "seed": seed, "val_loss": windows["loss"], "val_bpb": windows["bpb"],
-           "eval_se": windows["se"], "eval_windows": windows["count"], "started_at": started,
-           "finished_at": time.time()}
+    rec = {**p, "name": name, "seed": seed, "val_loss": windows["loss"], "val_bpb": windows["bpb"], "eval_se":
+           windows["se"], "eval_windows": windows["count"], "started_at": started, "finished_at": time.time()}
     atomic_write_json(done, rec)
     return rec
 
@@ -395,11 +383,10 @@ def git_sha() -> str | None:
     import subprocess
 
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
-                             timeout=5)
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
 
 
 def write_prediction(scale_dir: Path, fit: dict) -> dict:
@@ -459,10 +446,7 @@ def plot(path: Path, rungs: list[dict], fit: dict, outcome: dict | None) -> None
     if outcome is not None:
         ax.scatter([t], [outcome["observed"]], marker="*", s=160, color="black", zorder=5,
                    label=f"observed (rel. error {outcome['prediction']['relative_error']:.1%})")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("non-embedding parameters N")
-    ax.set_ylabel("val loss (nats/token)")
+    ax.set(xscale="log", yscale="log", xlabel="non-embedding parameters N", ylabel="val loss (nats/token)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
