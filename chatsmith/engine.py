@@ -343,6 +343,10 @@ class Engine:
         self._decode_s: float | None = None  # moving averages: one decode step, one prefill token
         self._prefill_token_s: float | None = None
         self._chunk_token_s: float | None = None  # what a prompt token adds to a decode step it rides along with
+        self._last_chunk = 0  # tokens in the latest chunk: an automatic one grows at most twice as long per step
+        # the clock of those averages: on CPU this thread's CPU time, which other processes preempting it do not
+        # inflate (a preempted step would buy an oversized chunk); on CUDA wall time after a synchronize
+        self._clock = time.thread_time if self.device.type == "cpu" else time.perf_counter
         self._fused = fused and self.resumable  # a GPT on its fused path: chunks ride along with decode steps
         self.eos_ids = (tokenizer.special_id("<|im_end|>"), tokenizer.bos_id)
         self._free = list(range(slots))  # sorted: the lowest free slot is taken, so live rows tend to be contiguous
@@ -441,6 +445,7 @@ class Engine:
             if budget is not None and self._fused and prefilling:  # the first chunk rides along with the decode
                 live = sorted((s for s in self._live if not s.pending), key=lambda s: s.slot)
                 n = min(budget, len(prefilling[0].pending))
+                self._last_chunk = n
                 decoded = self._mixed_step(prefilling[0], n, live, events)
                 if decoded:
                     prefilling, budget = prefilling[1:], budget - n
@@ -452,16 +457,17 @@ class Engine:
                     if tokens:  # the prompt is in: its first token
                         self._accept(seq, tokens[0], events)
                 if budget is not None:
+                    self._last_chunk = n
                     budget -= n
             if decoded:
                 return events
             live = sorted((s for s in self._live if not s.pending), key=lambda s: s.slot)
-            t0 = time.perf_counter()
+            t0 = self._clock()
             for group, tokens in self._isolated(live, self._decode, events) if live else ():
                 for seq, token in zip(group, tokens):
                     self._accept(seq, token, events)
             if live:
-                self._decode_s = _average(self._decode_s, time.perf_counter() - t0)
+                self._decode_s = _average(self._decode_s, self._clock() - t0)
             return events
 
     def _mixed_step(self, seq: _Sequence, n: int, live: list[_Sequence], events: list[Event]) -> bool:
@@ -470,7 +476,7 @@ class Engine:
         runs them apart, each isolated per sequence."""
         slots = [s.slot for s in live]
         lengths = [self.cache.lengths[s] for s in (*slots, seq.slot)]
-        t0 = time.perf_counter()
+        t0 = self._clock()
         try:
             decode, chunk = forward_mixed(self.model, self.cache, [
                 (torch.tensor([[s.last] for s in live], device=self.device), slots, False),
@@ -483,9 +489,9 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         # the chunk's share of the step: what it added to a decode step (at least a tenth of the step, for noise)
-        elapsed = time.perf_counter() - t0
+        elapsed = self._clock() - t0
         added = elapsed - self._decode_s if self._decode_s is not None else elapsed / 2
-        self._chunk_token_s = _average(self._chunk_token_s, max(added, elapsed / 10) / n)
+        self._chunk_token_s = _average(self._chunk_token_s, max(added, elapsed / 10) / n, weight=0.5)
         seq.pending = seq.pending[n:]
         for s, token in zip(live, tokens):
             self._accept(s, token, events)
@@ -500,25 +506,27 @@ class Engine:
         """Prompt tokens to prefill in a step while others decode: prefill_chunk, or (auto) as many as add
         CHUNK_SHARE of a decode step to it, from the moving averages, at least one prefix-cache block. A chunk that
         rides along with the decode step (fused) adds its tokens' arithmetic; a separate one (the reference path)
-        also costs a pass over the weights, so it is measured as a whole."""
+        also costs a pass over the weights, so it is measured as a whole. A chunk is at most twice the one before:
+        one noisy measurement (a small chunk's share of a step is hard to tell from the step's own noise) must not
+        buy a long stall."""
         if self.prefill_chunk:
             return self.prefill_chunk
         token_s = self._chunk_token_s if self._fused else self._prefill_token_s
         if self._decode_s is None or token_s is None:
             return MIN_CHUNK
-        return max(MIN_CHUNK, int(CHUNK_SHARE * self._decode_s / token_s))
+        return max(MIN_CHUNK, min(int(CHUNK_SHARE * self._decode_s / token_s), 2 * self._last_chunk))
 
     def _prefill(self, seqs: list[_Sequence], n: int) -> list[int]:
         """Feed the next n prompt tokens of the one sequence; its first token once the prompt is in, else []."""
         (seq,) = seqs
-        t0 = time.perf_counter()
+        t0 = self._clock()
         logits = self.model.forward_cached(torch.tensor([seq.pending[:n]], device=self.device), self.cache,
                                            [seq.slot], last_only=True, **self._forward_kwargs)  # (1, 1, vocab)
         seq.pending = seq.pending[n:]
         if seq.pending:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()  # time the chunk, not its launch
-            self._prefill_token_s = _average(self._prefill_token_s, (time.perf_counter() - t0) / n)
+            self._prefill_token_s = _average(self._prefill_token_s, (self._clock() - t0) / n)
             return []
         if self.prefix is not None:
             self.prefix.store(seq.request.prompt_ids, seq.slot)

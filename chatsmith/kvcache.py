@@ -3,20 +3,25 @@
     cache = model.new_kv_cache(slots=4)                            # KVCache, zeros, on the model's device
     logits = model.forward_cached(idx, cache, [0])                 # the fused inference path (forward_fused below)
     logits = model.forward_cached(idx, cache, [0], fused=False)    # the training modules, block by block (reference)
+    decode, chunk = forward_mixed(model, cache, [(ids, [0, 1], False), (prompt_chunk, [2], True)])  # one pass
 
 Both append idx (B, T) to B slots, each continuing at its own length: a prefill is T > 1 on one slot (empty, or
 holding a prefix restored from the prefix cache, or the chunks before), a decode step is T = 1 on the live slots.
+`forward_mixed` runs several such parts (the engine: a decode step and a prefill chunk) through the projections
+together, so the weights are read once; RoPE, cache writes and attention run per part.
 
 Choices in the fused path (the same math as GPT.forward; tests check its logits and greedy tokens against it):
 - Inference weights (`InferenceWeights`, cached on the model, rebuilt when a parameter's storage or version counter
   changes, e.g. after an optimizer step or load_state_dict): q|k|v and gate|up concatenated, so each is one matmul; the
-  RMSNorm weights before them (and the final norm's before the head) folded into their columns, so a norm is a bare
-  normalisation; every matrix in the autocast dtype when autocast is on, cast once instead of on every call. The cost
-  is a second copy of the matrices. RoPE tables are full-width (sin signed) and precomputed, sliced per call.
-- q and k heads are normalised together (one normalisation over (B, T, n_head + n_kv_head, head_dim), one multiply by
-  the stacked per-head weights) and rotated together: y * cos + roll(y, head_dim / 2) * sin (NEOX rotate_half).
-- New keys and values are written in place into the cache: a slice copy when the rows are contiguous slots at one
-  length (one stream, a prefill), else one indexed write per tensor.
+  RMSNorm weights before them (and the final norm's before the head) folded into their columns, times sqrt(width),
+  so a norm is a bare x / sqrt(sum(x^2) + width * eps); every matrix in the autocast dtype when autocast is on, cast
+  once instead of on every call. The cost is a second copy of the matrices. RoPE tables are full-width (sin signed)
+  and precomputed, sliced per call.
+- q and k heads are normalised together (one normalisation over (B, T, n_head + n_kv_head, head_dim)) and rotated
+  together: y * cos + roll(y, head_dim / 2) * sin (NEOX rotate_half), with the per-head q/k norm weights multiplied
+  into the cos and sin rows once per call for every layer (a decode step is mostly small ops: each saved op counts).
+- New keys and values are written in place into the cache: one copy per tensor into views of all layers' rows taken
+  once per call when the rows are contiguous slots at one length (one stream, a prefill), else one indexed write.
 - Attention is SDPA over the cache prefix: no mask when every query sees all of it (decode rows of one length), causal
   for a fresh prefill, an offset causal mask for a chunk that continues a slot, per-row masks otherwise. The engine
   keeps live slots contiguous (lowest free slot first), so the rows read the cache through a view, not a gather.
