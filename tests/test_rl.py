@@ -141,6 +141,18 @@ def test_tasks_split_train_and_eval_disjointly():
     assert rl.Task("gsm8k").score("3 apples and 12.0 pears", rl.Item("q", "12")) == 1.0
 
 
+def test_reasoning_gym_tasks_never_train_on_an_eval_question(monkeypatch):
+    from chatsmith.tasks import arithmetic
+
+    asked = [e for e in arithmetic.dataset("calc")]  # what `chatsmith eval --tasks calc` asks
+    fresh = [e for e in arithmetic.dataset("calc", size=300, seed=1)]
+    monkeypatch.setattr(rl.Task, "_dataset", lambda self, seed, size: asked[:100] + fresh)  # a draw that collides
+    items = rl.Task("calc").items("train", 0, 20)
+    assert len(items) == 20 and {i.question for i in items} <= {e["question"] for e in fresh}
+    assert not {i.question for i in items} & {e["question"] for e in asked}
+    assert rl.Task("calc").score(f"It comes to {items[0].answer}.", items[0]) == 1.0
+
+
 def test_custom_reward_and_its_errors(tmp_path, monkeypatch):
     (tmp_path / "myreward.py").write_text("def score(conversation, answer):\n    return float(len(conversation))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
