@@ -183,6 +183,7 @@ class InferenceWeights:
     qk_norm: torch.Tensor  # (n_layer, n_head + n_kv_head, D) fp32: q_norm's weight per query head, then k_norm's,
     # times sqrt(D)
     qk_norm_rolled: torch.Tensor  # the same rolled by D / 2 along D: rotate_half(y * w) = rotate_half(y) * it
+    eps: tuple[torch.Tensor, torch.Tensor]  # 0-dim fp32: n_embd * norm_eps, head_dim * norm_eps (see _normalize)
     cos: torch.Tensor  # (rope_len, D) fp32: cos(pos * freq) over both halves
     sin: torch.Tensor  # (rope_len, D) fp32: -sin over the first half, sin over the second (rotate_half's sign)
 
@@ -231,18 +232,21 @@ def inference_weights(model) -> InferenceWeights:
         qk = torch.stack(qk_norm) * qk_norm[0].size(-1) ** 0.5  # (n_layer, H + K, D)
         cos, sin = model.rope_cos.float(), model.rope_sin.float()
         weights = InferenceWeights(key, dtype is not None, blocks, mat(model.head_weight(), model.norm.weight),
-                                   qk, qk.roll(qk.size(-1) // 2, -1), torch.cat([cos, cos], -1),
-                                   torch.cat([-sin, sin], -1))
+                                   qk, qk.roll(qk.size(-1) // 2, -1),
+                                   tuple(torch.tensor(n * model.config.norm_eps, dtype=torch.float32, device=qk.device)
+                                         for n in (model.config.n_embd, qk.size(-1))),
+                                   torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1))
     model.__dict__["_inference_weights"] = weights  # a plain attribute: not a parameter, buffer or state_dict entry
     return weights
 
 
-def _normalize(x: torch.Tensor, eps: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def _normalize(x: torch.Tensor, eps: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """RMSNorm over the last dimension (n wide) without its weight and without the factor sqrt(n), both folded into
     what follows: x / sqrt(sum(x^2) + n eps) == (x / sqrt(mean(x^2) + eps)) / sqrt(n). Computed in fp32, returned in
     `dtype`. Written out: F.rms_norm dispatches more small ops, and a decode step is mostly small ops."""
     xf = x if x.dtype == torch.float32 else x.float()
-    y = xf * (xf * xf).sum(-1, keepdim=True).add_(x.size(-1) * eps).rsqrt_()
+    y = xf * (xf * xf).sum(-1, keepdim=True).add_(eps).rsqrt_()  # eps: n * norm_eps, a 0-dim fp32 tensor (a
+    # Python float would be wrapped into a tensor on every call)
     return y if dtype == torch.float32 else y.to(dtype)
 
 
@@ -272,9 +276,10 @@ def forward_mixed(model, cache: KVCache, parts: list[tuple[torch.Tensor, list[in
 
 def _forward_mixed(model, cache: KVCache, parts: list[tuple[torch.Tensor, list[int], bool]]) -> list[torch.Tensor]:
     cfg = model.config
-    H, K, D, eps = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.norm_eps
+    H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
     I = cfg.intermediate_size  # noqa: E741
     w = inference_weights(model)
+    eps, eps_head = w.eps
     shapes, steps, tables, offset = [], [], [], 0
     for idx, slots, _ in parts:
         B, T = idx.shape
@@ -299,7 +304,7 @@ def _forward_mixed(model, cache: KVCache, parts: list[tuple[torch.Tensor, list[i
         for (B, T, off), step, (qk_cos, qk_sin) in zip(shapes, steps, tables):
             rows = qkv_rows if len(parts) == 1 else qkv_rows[off:off + B * T]
             qkv = rows.view(B, T, H + 2 * K, D)  # (B, T, n_head + 2 n_kv_head, D)
-            qk = _normalize(qkv[:, :, :H + K], eps)  # (B, T, n_head + n_kv_head, D) fp32, before the q/k norm weight
+            qk = _normalize(qkv[:, :, :H + K], eps_head)  # (B, T, n_head + n_kv_head, D) fp32, unweighted
             # weighted, then NEOX RoPE: y cos + rotate_half(y) sin with y = qk * weight; rotate_half(qk * weight) ==
             # roll(qk) * rolled weight, times the signed sin table
             qk = torch.addcmul(qk * qk_cos[i], qk.roll(D // 2, -1), qk_sin[i])
