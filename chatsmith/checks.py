@@ -163,7 +163,7 @@ class Problem:
 
 
 def score_arithmetic(messages: Sequence[dict], problem: Problem) -> dict:
-    """{"pass", "outcome"} of a reply's messages (engine.chat's: assistant turns, tool turns): outcome "right",
+    """{"pass", "outcome"} of a reply's messages (turns.chat's: assistant turns, tool turns): outcome "right",
     "no_call" (no calculator call first), "wrong_expression" or "wrong_result" (the final answer, after the call,
     does not state the result)."""
     calls = [c for m in messages if m.get("role") == "assistant" for c in (m.get("tool_calls") or [])]

@@ -129,7 +129,8 @@ class ChatSession:
 
     def reply(self, text: str) -> bool:
         """Answer the user message `text` (streamed to stdout); False when it could not be answered."""
-        from .engine import SamplingParams, chat
+        from .engine import SamplingParams
+        from .turns import chat
 
         room = min(self.cfg.max_tokens, max(1, self.engine.max_len // 4))  # tokens left free for the reply
         limit = self.engine.max_len - room

@@ -15,7 +15,7 @@ What runs (tasks/ holds one file per task; tasks/scoring.py the shared scorer):
   defines them, its prompts, zero-shot unless --fewshot K.
 - Chat models: the question through the one chat template (`Tokenizer.render_for_completion`); multiple choice by the
   largest logit among the allowed answer letters; generative tasks decoded greedily by `engine.Engine`, many at once
-  (continuous batching), through `engine.chat` so that the model may call the calculator as it does for a user;
+  (continuous batching), through `turns.chat` so that the model may call the calculator as it does for a user;
   HumanEval programs run in the tools.py sandbox.
 - Scores: accuracy with n and a 95 % Wilson interval; centred accuracy (acc - chance) / (1 - chance); CORE-like =
   mean centred score of the base stage's multiple-choice tasks, ChatCORE-like = mean centred score of every chat
@@ -221,10 +221,11 @@ def score_mc_chat(task: Task, items: Sequence[MCItem], loaded: LoadedModel, ec: 
 def judge_replies(loaded: LoadedModel, items: Sequence[GenItem], stage: str, max_tokens: int, tools: bool,
                   slots: int, judge: Callable[[GenItem, str], bool]) -> Iterator[tuple[int, bool]]:
     """(index, verdict) for every item, as replies finish: greedy replies, `slots` at a time. One thread runs the
-    engine; `slots` worker threads each take the next item, wait for its reply (chat: `engine.chat`, tool calls
+    engine; `slots` worker threads each take the next item, wait for its reply (chat: `turns.chat`, tool calls
     included; base: a plain continuation up to the end of the line) and judge it (HumanEval runs its program there,
     so programs run side by side). Workers are daemon threads: an error or Ctrl-C here never waits for them."""
-    from .engine import Engine, SamplingParams, chat
+    from .engine import Engine, SamplingParams
+    from .turns import chat
 
     engine = Engine(loaded.model, loaded.tokenizer, slots=slots, autocast_dtype=loaded.autocast_dtype)
     tok = loaded.tokenizer

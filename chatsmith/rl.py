@@ -197,10 +197,10 @@ def calculator_only(name: str, arguments: dict) -> str:
 
 def rollout(engine, tokenizer, conversations: Sequence[list[dict]], params: Sequence, tools: bool,
             max_tool_calls: int, on_reply: Callable[[], None] | None = None) -> list:
-    """Each conversation answered by `engine.chat` (tool calls run), all at once: one thread per conversation
+    """Each conversation answered by `turns.chat` (tool calls run), all at once: one thread per conversation
     submits to the engine, which one more thread steps, so the replies decode batched. Returns ChatReply's;
     `on_reply()` is called (from a worker thread) as each one finishes, e.g. to advance a progress bar."""
-    from .engine import chat
+    from .turns import chat
 
     stop = threading.Event()
     stepper = threading.Thread(target=engine.serve_forever, args=(stop,), kwargs={"idle_wait": 0.001}, daemon=True)

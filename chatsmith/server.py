@@ -41,7 +41,7 @@ How it is shaped:
   one whose client left a 499); labels from fixed sets (protocol.endpoint_label).
 - The model id is the run's name (`--model-name` overrides). `model` may be omitted; any other id is a 404.
 - Tools: when a request passes `tools` (and tool_choice is not "none"), generation stops at the first
-  `</tool_call>` (as in `engine.chat`), the model's `<tool_call>{json}</tool_call>` becomes `tool_calls` and
+  `</tool_call>` (as in `turns.chat`), the model's `<tool_call>{json}</tool_call>` becomes `tool_calls` and
   finish_reason "tool_calls"; streamed text is held back from `<tool_call>` on. The chat endpoints never run tools:
   the client does, and sends the result back as a `tool` message. The tool definitions are not shown to the model (the
   chat template does not render them; our models know the calculator and python tools from SFT), and

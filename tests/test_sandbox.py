@@ -336,11 +336,12 @@ def test_tmp_file_bomb_hits_the_tmpfs_size():
 
 @needs_sandbox
 def test_escape_attempts_in_a_chat_are_contained_and_the_chat_goes_on(monkeypatch):
-    from test_cli_chat import USER, call_text
     from test_engine import ScriptedModel
+    from test_turns import USER, call_text
 
-    from chatsmith.engine import Engine, SamplingParams, chat
+    from chatsmith.engine import Engine, SamplingParams
     from chatsmith.tokenizer import Tokenizer
+    from chatsmith.turns import chat
 
     secret = f"s3cret-{uuid.uuid4().hex}"
     monkeypatch.setenv("CHATSMITH_TEST_SECRET", secret)
@@ -391,7 +392,7 @@ def test_escape_attempts_in_a_chat_are_contained_and_the_chat_goes_on(monkeypatc
 def test_python_is_off_by_default_everywhere():
     import inspect
 
-    from chatsmith import engine, tools
+    from chatsmith import tools, turns
     from chatsmith.cli import ChatConfig
     from chatsmith.rl import calculator_only
     from chatsmith.server import ServeConfig, web_tools
@@ -399,18 +400,19 @@ def test_python_is_off_by_default_everywhere():
     assert ChatConfig().allow_python is False and ServeConfig().allow_python is False
     assert web_tools(ServeConfig()) == ("calculator",)
     assert web_tools(ServeConfig(allow_python=True)) == ("calculator", "python")
-    for function in (engine.chat, tools.run_tool):
+    for function in (turns.chat, tools.run_tool):
         assert inspect.signature(function).parameters["allow_python"].default is False, function
     # RL rollouts and the assistant checks (both through rl.rollout) run the calculator alone
     assert calculator_only("python", {"code": "print(1)"}).startswith("error: no tool named 'python'")
 
 
 def python_chat(allow_python: bool) -> list[dict]:
-    """One reply whose model calls the python tool through engine.chat's default runner; the messages it added."""
-    from test_cli_chat import USER, call_text, scripted_engine
+    """One reply whose model calls the python tool through turns.chat's default runner; the messages it added."""
+    from test_turns import USER, call_text, scripted_engine
 
-    from chatsmith.engine import SamplingParams, chat
+    from chatsmith.engine import SamplingParams
     from chatsmith.tokenizer import Tokenizer
+    from chatsmith.turns import chat
 
     tok = Tokenizer.train(["print(6 * 7) python error the tool is off " * 50] * 10, 300, show_progress=False)
     call = {"name": "python", "arguments": {"code": "print(6 * 7)"}}
