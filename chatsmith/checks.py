@@ -28,7 +28,7 @@ interval, its target, and `met` (the observed fraction reaches the target):
   counted as no_call, wrong_expression and wrong_result.
 
 Generation: every prompt alone in a fresh conversation (no system prompt), answered as `chatsmith chat` answers it
-(engine.CHAT_DEFAULTS sampling, max_tokens = `--check-max-tokens` per round, the calculator runs, Python never does),
+(sampling.CHAT_DEFAULTS, max_tokens = `--check-max-tokens` per round, the calculator runs, Python never does),
 all batched through `rl.rollout` on an Engine of `--check-slots` slots. Each reply's sampler is seeded from the run
 seed, the check and the prompt text, so a rerun gives the same replies (up to the batched-matmul rounding the engine
 docstring describes). A prompt whose rendering leaves less than min(max_tokens, context / 4) tokens of context for
@@ -310,8 +310,9 @@ def run_checks(model, tok, cc: ChatCheckConfig, sft: SFTDataConfig, seed: int, *
     `dtype` is the engine's autocast dtype, `max_len` its context (None: the model's), `info` extra fields."""
     import torch
 
-    from .engine import CHAT_DEFAULTS, Engine
+    from .engine import Engine
     from .rl import rollout
+    from .sampling import CHAT_DEFAULTS
 
     t0 = time.perf_counter()
     was_training = model.training

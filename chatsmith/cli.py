@@ -34,7 +34,7 @@ from typing import TextIO
 from .checkpoint import LoadConfig, load_model
 from .common import UserError
 from .config import opt
-from .engine import CHAT_DEFAULTS
+from .sampling import CHAT_DEFAULTS
 
 PASTE = '"""'
 HELP = """commands:
@@ -129,7 +129,7 @@ class ChatSession:
 
     def reply(self, text: str) -> bool:
         """Answer the user message `text` (streamed to stdout); False when it could not be answered."""
-        from .engine import SamplingParams
+        from .sampling import SamplingParams
         from .turns import chat
 
         room = min(self.cfg.max_tokens, max(1, self.engine.max_len // 4))  # tokens left free for the reply
@@ -264,7 +264,8 @@ def main(cfg: ChatStage, stdin: TextIO | None = None, stdout: TextIO | None = No
          stderr: TextIO | None = None) -> int:
     """`chatsmith chat`: one-shot with --prompt (exit 0 after the reply), else an interactive session until /quit or
     end of input. The streams default to the process's; tests pass their own."""
-    from .engine import Engine, SamplingParams
+    from .engine import Engine
+    from .sampling import SamplingParams
 
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     SamplingParams(max_tokens=cfg.chat.max_tokens, temperature=cfg.chat.temperature, top_k=cfg.chat.top_k,

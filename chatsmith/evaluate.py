@@ -224,7 +224,8 @@ def judge_replies(loaded: LoadedModel, items: Sequence[GenItem], stage: str, max
     engine; `slots` worker threads each take the next item, wait for its reply (chat: `turns.chat`, tool calls
     included; base: a plain continuation up to the end of the line) and judge it (HumanEval runs its program there,
     so programs run side by side). Workers are daemon threads: an error or Ctrl-C here never waits for them."""
-    from .engine import Engine, SamplingParams
+    from .engine import Engine
+    from .sampling import SamplingParams
     from .turns import chat
 
     engine = Engine(loaded.model, loaded.tokenizer, slots=slots, autocast_dtype=loaded.autocast_dtype)

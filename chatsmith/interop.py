@@ -16,7 +16,7 @@ Notable choices:
 - The tokenizer is the run's tokenizer.json as it is; tokenizer_config.json carries the one chat template's Jinja twin
   (`tokenizer.CHAT_TEMPLATE`, parity-tested against the Python renderer), bos `<|endoftext|>`, eos `<|im_end|>`
   (a chat model; `<|endoftext|>` for a base model), pad `<|endoftext|>`, and `add_bos_token` false: the template
-  writes the BOS itself. generation_config.json holds chatsmith's sampling defaults (engine.CHAT_DEFAULTS).
+  writes the BOS itself. generation_config.json holds chatsmith's sampling defaults (sampling.CHAT_DEFAULTS).
 - Research flags: a ModelConfig field declared with metadata `research=True` has no Qwen3 counterpart; export
   refuses a model whose value differs from the default, naming the flag (`check_exportable`).
 - Import reads config.json, refuses anything that is not a plain Qwen3ForCausalLM (biases, sliding window, RoPE
@@ -170,7 +170,7 @@ def hf_config(model: Any, ids: dict[str, int], dtype: str) -> dict:
 
 
 def generation_config(ids: dict[str, int], is_chat: bool) -> dict:
-    from .engine import CHAT_DEFAULTS
+    from .sampling import CHAT_DEFAULTS
 
     eos = [ids["eos"], ids["bos"]] if is_chat else ids["eos"]
     return {"bos_token_id": ids["bos"], "eos_token_id": eos, "pad_token_id": ids["pad"], "do_sample": True,

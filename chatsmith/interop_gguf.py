@@ -167,8 +167,8 @@ def ollama_template() -> str:
 
 def write_modelfile(loaded: Any, gguf_path: Path) -> Path:
     """An Ollama Modelfile beside `gguf_path`: FROM, the ChatML TEMPLATE, the stop token and chatsmith's sampling
-    defaults (engine.CHAT_DEFAULTS); returns its path."""
-    from .engine import CHAT_DEFAULTS
+    defaults (sampling.CHAT_DEFAULTS); returns its path."""
+    from .sampling import CHAT_DEFAULTS
 
     d = CHAT_DEFAULTS
     stop = "<|im_end|>" if loaded.is_chat else "<|endoftext|>"

@@ -128,7 +128,7 @@ class _StreamOptions(_Body):
 
 class Sampling(_Body):
     """The fields both endpoints share; None = not given (max_tokens: what the context leaves; temperature, top_p,
-    top_k, repetition_penalty: the endpoint's defaults, engine.CHAT_DEFAULTS for chat)."""
+    top_k, repetition_penalty: the endpoint's defaults, sampling.CHAT_DEFAULTS for chat)."""
     model: Any = None
     max_tokens: _range(int, 1, 2**62) | None = None
     temperature: _range(float, 0, 2) | None = None
@@ -202,7 +202,7 @@ def parse_body(body: bytes) -> dict:
 def build_job(body: dict, chat: bool, tok, max_len: int, model_id: str, default_max_tokens: int) -> Job:
     """Validate a POST body (`parse_body`) into prompts and SamplingParams for a model with context `max_len`;
     every problem is an APIError. Blocking (tokenizes): the server runs it off its event loop."""
-    from .engine import CHAT_DEFAULTS, SamplingParams
+    from .sampling import CHAT_DEFAULTS, SamplingParams
     from .tokenizer import TOOL_CALL_CLOSE, ConversationError
 
     schema = ChatRequest if chat else CompletionRequest
@@ -300,7 +300,7 @@ class Choice:
     """One sequence's output as it streams: text deltas, tool-call hold-back, the final message."""
 
     def __init__(self, tools: bool):
-        from .engine import StopStrings
+        from .sampling import StopStrings
         from .tokenizer import TOOL_CALL_OPEN
 
         self.tools, self.raw, self.shown = tools, "", 0

@@ -299,7 +299,7 @@ def _batches(rows: list[tuple[list[int], list[int]]], size: int):
 
 
 def _params(rl: RLConfig, seed: int, greedy: bool = False):
-    from .engine import SamplingParams
+    from .sampling import SamplingParams
 
     if greedy:
         return SamplingParams(max_tokens=rl.max_tokens, temperature=0.0)

@@ -23,7 +23,7 @@ How it is shaped:
   how the prompt is built and how a choice is shaped. The body is read with a deadline (`--body-timeout`, then 408:
   a slow-loris client cannot hold a handler forever); JSON parsing, validation and tokenizing (up to
   `--max-body-bytes`) run in a small thread pool, off the event loop.
-- Defaults: a chat request that leaves out temperature, top_p, top_k or repetition_penalty gets engine.CHAT_DEFAULTS
+- Defaults: a chat request that leaves out temperature, top_p, top_k or repetition_penalty gets sampling.CHAT_DEFAULTS
   (what `chatsmith chat` uses; vLLM likewise applies a model's generation config), a completions request OpenAI's
   neutral ones. Without max_tokens a reply gets min(--max-tokens, what the context leaves after the prompt).
 - Admission: at most `slots + max_queue` sequences in flight (n counts n times); beyond that 429, with
@@ -490,7 +490,7 @@ def create_app(server: Server, ui_dir: Path | None = None):
         return await handle(request, False, "/v1/completions")
 
     def model_card() -> dict:
-        from .engine import CHAT_DEFAULTS
+        from .sampling import CHAT_DEFAULTS
 
         sampling = {k: getattr(CHAT_DEFAULTS, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty")}
         return {"id": server.model_id, "object": "model", "created": server.created, "owned_by": "chatsmith",

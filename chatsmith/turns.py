@@ -31,7 +31,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import tools as tool_registry
-from .engine import FINISH_LENGTH, Engine, Result, SamplingParams, StopStrings
+from .engine import FINISH_LENGTH, Engine, Result
+from .sampling import SamplingParams, StopStrings
 from .tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Tokenizer, parse_assistant
 
 FINISH_TOOL_LIMIT = "tool_limit"

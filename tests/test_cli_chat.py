@@ -21,8 +21,9 @@ from chatsmith import checkpoint, config
 from chatsmith.checkpoint import NO_MODEL, load_model
 from chatsmith.cli import HELP, ChatStage, fit_context, main
 from chatsmith.common import UserError, run_dir
-from chatsmith.engine import Engine, SamplingParams
+from chatsmith.engine import Engine
 from chatsmith.model import GPT, ModelConfig
+from chatsmith.sampling import SamplingParams
 from chatsmith.tokenizer import Tokenizer
 
 TEXT = ("Hello there! What is 12*34? The answer is 408. Let me compute that with a tool call.\n"

@@ -36,8 +36,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_server import USER, ScriptedModel, metric
 
 from chatsmith.checkpoint import LoadConfig
-from chatsmith.engine import FINISH_ERROR, Engine, SamplingParams
+from chatsmith.engine import FINISH_ERROR, Engine
 from chatsmith.protocol import ENDPOINTS
+from chatsmith.sampling import SamplingParams
 from chatsmith.server import ServeConfig, Server, create_app, load_or_fail, serve_in_thread
 from chatsmith.tokenizer import Tokenizer
 

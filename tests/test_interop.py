@@ -25,7 +25,7 @@ from chatsmith import checkpoint
 from chatsmith.__main__ import main as cli_main
 from chatsmith.checkpoint import LoadConfig, load_model
 from chatsmith.common import UserError, run_dir
-from chatsmith.engine import CHAT_DEFAULTS, Engine, SamplingParams
+from chatsmith.engine import Engine
 from chatsmith.interop import (
     check_exportable,
     export_hf,
@@ -35,6 +35,7 @@ from chatsmith.interop import (
     research_flags,
 )
 from chatsmith.model import GPT, ModelConfig, _opt
+from chatsmith.sampling import CHAT_DEFAULTS, SamplingParams
 from chatsmith.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")

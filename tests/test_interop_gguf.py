@@ -20,9 +20,9 @@ import torch
 from test_interop import CODE, EN, ZH, qwen_dir, save_chat_run  # noqa: F401 (qwen_dir: a fixture)
 
 from chatsmith.__main__ import main as cli_main
-from chatsmith.engine import CHAT_DEFAULTS
 from chatsmith.interop import load_source
 from chatsmith.interop_gguf import export_gguf, ollama_template
+from chatsmith.sampling import CHAT_DEFAULTS
 from chatsmith.tokenizer import CHAT_TEMPLATE, Tokenizer
 
 gguf = pytest.importorskip("gguf")

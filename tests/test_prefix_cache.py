@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from chatsmith.bench import bench_tokenizer
-from chatsmith.engine import Engine, SamplingParams
+from chatsmith.engine import Engine
 from chatsmith.kvcache import KVCache
 from chatsmith.model import GPT, ModelConfig
 from chatsmith.prefix_cache import PrefixCache
+from chatsmith.sampling import SamplingParams
 from chatsmith.tokenizer import Tokenizer
 
 BS = 4  # block size in the unit tests

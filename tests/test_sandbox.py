@@ -339,7 +339,8 @@ def test_escape_attempts_in_a_chat_are_contained_and_the_chat_goes_on(monkeypatc
     from test_engine import ScriptedModel
     from test_turns import USER, call_text
 
-    from chatsmith.engine import Engine, SamplingParams
+    from chatsmith.engine import Engine
+    from chatsmith.sampling import SamplingParams
     from chatsmith.tokenizer import Tokenizer
     from chatsmith.turns import chat
 
@@ -410,7 +411,7 @@ def python_chat(allow_python: bool) -> list[dict]:
     """One reply whose model calls the python tool through turns.chat's default runner; the messages it added."""
     from test_turns import USER, call_text, scripted_engine
 
-    from chatsmith.engine import SamplingParams
+    from chatsmith.sampling import SamplingParams
     from chatsmith.tokenizer import Tokenizer
     from chatsmith.turns import chat
 

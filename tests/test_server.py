@@ -26,8 +26,9 @@ from hypothesis import strategies as st
 from test_cli_chat import TEXT, save_run
 
 from chatsmith.checkpoint import LoadConfig, load_model
-from chatsmith.engine import CHAT_DEFAULTS, Engine, SamplingParams
+from chatsmith.engine import Engine
 from chatsmith.model import KVCache
+from chatsmith.sampling import CHAT_DEFAULTS, SamplingParams
 from chatsmith.server import ServeConfig, Server, load_into, serve_in_thread
 from chatsmith.tokenizer import Tokenizer
 

@@ -12,7 +12,8 @@ import pytest
 from test_engine import ScriptedModel
 
 from chatsmith import tools
-from chatsmith.engine import Engine, SamplingParams
+from chatsmith.engine import Engine
+from chatsmith.sampling import SamplingParams
 from chatsmith.tokenizer import Tokenizer
 from chatsmith.turns import chat
 

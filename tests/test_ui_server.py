@@ -40,8 +40,9 @@ from chatsmith import checkpoint  # noqa: E402
 from chatsmith.bench import _randomize, bench_ref, bench_tokenizer  # noqa: E402
 from chatsmith.checkpoint import LoadConfig, load_model  # noqa: E402
 from chatsmith.common import run_dir  # noqa: E402
-from chatsmith.engine import CHAT_DEFAULTS, Engine  # noqa: E402
+from chatsmith.engine import Engine  # noqa: E402
 from chatsmith.model import GPT  # noqa: E402
+from chatsmith.sampling import CHAT_DEFAULTS  # noqa: E402
 from chatsmith.server import ServeConfig, Server, load_into, serve_in_thread  # noqa: E402
 from chatsmith.tokenizer import Tokenizer  # noqa: E402
 

@@ -88,8 +88,9 @@ def main(cfg: DecodeBench) -> dict:
     the reference path's); matching_prefix: how many agree from the start."""
     import torch
 
-    from ..engine import Engine, SamplingParams
+    from ..engine import Engine
     from ..model import GPT
+    from ..sampling import SamplingParams
     from ..tokenizer import N_SPECIAL
 
     b = cfg.bench
@@ -199,7 +200,7 @@ class _Conversation:
     trained model's replies do; random weights emit ids whose text would not)."""
 
     def __init__(self, model, tokenizer, b: DecodeBenchConfig):
-        from ..engine import SamplingParams
+        from ..sampling import SamplingParams
         from ..tokenizer import IM_END, IM_START
 
         self.model, self.tokenizer, self.b = model, tokenizer, b
@@ -269,7 +270,8 @@ class _Join:
         self.joiner_ttft: dict[str, list[float]] = {"chunked": [], "whole": []}  # wall s to its first token
 
     def run(self, timed: bool) -> None:
-        from ..engine import Engine, SamplingParams
+        from ..engine import Engine
+        from ..sampling import SamplingParams
 
         b = self.b
         for name, chunk in (("chunked", 0), ("whole", self.max_len)):

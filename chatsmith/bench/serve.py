@@ -191,7 +191,8 @@ async def chaos(server, url: str, b: ServeBenchConfig) -> dict:
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    from ..engine import CHAT_DEFAULTS, Engine
+    from ..engine import Engine
+    from ..sampling import CHAT_DEFAULTS
 
     host, port = url.removeprefix("http://").split(":")
     tokenizer, model = server.tokenizer, server.engine.model
