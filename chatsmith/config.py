@@ -322,10 +322,10 @@ def preset_cpu() -> dict[str, dict[str, Any]]:
                 "max_convs": 3000, "max_chars": 1000},
         "sft_optim": {"matrix_lr": 0.01, "embed_lr": 0.1, "head_lr": 0.002, "scalar_lr": 0.02},
         "sft_train": {"steps": 280, "device_batch": 8, "eval_every": 140, "eval_tokens": 32768, "ckpt_every": 70},
-        "rl": {"task": "checks", "prompts": 8, "group": 8, "eval_prompts": 100},
-        "rl_train": {"steps": 6, "ckpt_every": 3},
-        "speedrun": {"eval_limit": 100, "eval_full": (), "chat_tasks": ("calc", "arithmetic", "arc_easy", "mmlu",
-                                                                       "idioms")},
+        "rl": {"task": "calc", "prompts": 16, "group": 8, "eval_prompts": 50, "slots": 64},
+        "rl_train": {"steps": 16, "ckpt_every": 4},
+        "speedrun": {"eval_limit": 100, "eval_full": ("arc_easy", "calc"), "chat_tasks": ("calc", "arithmetic", "mmlu",
+                                                                                         "idioms")},
     }
 
 
