@@ -260,9 +260,9 @@ def test_target_with_checkpoints_but_no_prediction_is_refused(tmp_path):
         scaling.write_prediction(tmp_path, {"target": {"name": "t"}})
 
 
-@pytest.mark.slow
 def test_smoke_ladder_end_to_end(tmp_path, chatsmith_home):
-    """The real thing on a tiny corpus: tokenizer, shards, the smoke ladder, the target, scaling.json."""
+    """The real thing on a tiny corpus: tokenizer, shards, the smoke ladder, the target, scaling.json (in the default
+    suite, so CI runs the smoke protocol)."""
     from chatsmith import tokenizer
     from chatsmith.data import shards
 
