@@ -220,7 +220,7 @@ class SFTStage:
 
 
 # RL (chatsmith/rl.py): GRPO on the chat model; its sections live here so the speedrun can hold them
-RL_TASKS = ("arithmetic", "chain_sum", "calc", "gsm_symbolic", "gsm8k", "checks", "seven")
+RL_TASKS = ("arithmetic", "chain_sum", "calc", "gsm_symbolic", "gsm8k", "checks", "calc_checks", "seven")
 
 
 @dataclass(frozen=True)
@@ -322,7 +322,7 @@ def preset_cpu() -> dict[str, dict[str, Any]]:
                 "max_convs": 3000, "max_chars": 1000},
         "sft_optim": {"matrix_lr": 0.01, "embed_lr": 0.1, "head_lr": 0.002, "scalar_lr": 0.02},
         "sft_train": {"steps": 280, "device_batch": 8, "eval_every": 140, "eval_tokens": 32768, "ckpt_every": 70},
-        "rl": {"task": "calc", "prompts": 16, "group": 8, "eval_prompts": 50, "slots": 64},
+        "rl": {"task": "calc_checks", "prompts": 16, "group": 8, "eval_prompts": 50, "slots": 64},
         "rl_train": {"steps": 12, "ckpt_every": 4},
         "speedrun": {"eval_limit": 100, "eval_full": ("calc",), "chat_tasks": ("calc", "arithmetic", "mmlu", "idioms")},
     }

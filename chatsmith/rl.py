@@ -35,7 +35,9 @@ name, drawn from seeds far from the seeds evaluation reserves, and never one of 
 last number of the answer equals the reference), `checks` (the assistant checks' 2-3-digit +, -, x problems in
 English and Chinese, from the SFT arithmetic source's train split; reward 1 only for the right calculator expression
 and the right stated result, as checks.score_arithmetic judges; its held-out questions come from the split no
-training sees) and `seven` (a toy: any reply that says 7 scores 1; for tests). Train and held-out questions are
+training sees; the final answer must also be in the language asked, as the checks' zh rule reads it),
+`calc_checks` (the two in turn: reasoning-gym's English-only questions alone let the Chinese arithmetic replies drift
+to English) and `seven` (a toy: any reply that says 7 scores 1; for tests). Train and held-out questions are
 split by a hash of the question text (of the expression for `checks`), so they never overlap, whatever the seeds.
 """
 
@@ -61,6 +63,7 @@ from . import checkpoint, checks, config
 from .common import UserError, autocast_dtype, is_rank0, log, progress, read_json, run_dir
 
 TASKS = config.RL_TASKS
+MIXTURES = {"calc_checks": ("calc", "checks")}  # a mixture task: its parts' questions in turn
 RLConfig, RLStage, RL_OPTIM, RL_TRAIN = config.RLConfig, config.RLStage, config.RL_OPTIM, config.RL_TRAIN
 
 
@@ -73,6 +76,7 @@ class Item:
     question: str
     answer: str  # the reference answer
     entry: Any = None  # the task's own record (reasoning-gym entry), for its scorer
+    task: str = ""  # the task that drew it, when a mixture did
 
 
 def _hash_fraction(text: str) -> float:
@@ -109,6 +113,12 @@ class Task:
         """`n` distinct questions of `split` ("train" or "eval"), the same for the same seed."""
         from .tasks import arithmetic
 
+        if self.name in MIXTURES:  # the parts' questions taken in turn, each marked with the task that scores it
+            parts = MIXTURES[self.name]
+            drawn = [Task(part).items(split, seed, -(-n // len(parts))) for part in parts]
+            mixed = [dataclasses.replace(item, task=part) for row in zip(*drawn) for part, item in zip(parts, row)]
+            return mixed[:n]
+
         if self.name == "checks":  # train: the SFT train split's problems; eval: held-out ones (as the checks ask)
             problems = checks.arithmetic_problems(n + 50, seed + 7919, train=split == "train")
             evaluated = {e["question"].removeprefix("Calculate ").removesuffix(".")
@@ -140,8 +150,11 @@ class Task:
 
     def score(self, text: str, item: Item, messages: Sequence[dict] = ()) -> float:
         """The reward of a reply whose final text is `text` (`messages`: all its turns, tool calls included)."""
-        if self.name == "checks":  # the right calculator call and the right stated result
-            return 1.0 if checks.score_arithmetic(messages, item.entry)["pass"] else 0.0
+        if item.task and item.task != self.name:
+            return Task(item.task).score(text, item, messages)
+        if self.name == "checks":  # the right calculator call, the right stated result, in the language asked
+            right = checks.score_arithmetic(messages, item.entry)["pass"]
+            return 1.0 if right and (checks.han_fraction(text or "") >= 0.5) == item.entry.zh else 0.0
         if self.name == "seven":
             return 1.0 if re.search(r"(?<!\d)7(?!\d)", text or "") else 0.0
         from .tasks.arithmetic import CONFIGS

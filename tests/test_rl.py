@@ -153,6 +153,24 @@ def test_reasoning_gym_tasks_never_train_on_an_eval_question(monkeypatch):
     assert rl.Task("calc").score(f"It comes to {items[0].answer}.", items[0]) == 1.0
 
 
+def test_mixture_task_takes_its_parts_in_turn_and_scores_each_by_its_own_rule():
+    items = rl.Task("calc_checks").items("train", 0, 6)
+    assert [i.task for i in items] == ["calc", "checks"] * 3
+    assert [i.question for i in items[::2]] == [i.question for i in rl.Task("calc").items("train", 0, 3)]
+    assert [i.question for i in items[1::2]] == [i.question for i in rl.Task("checks").items("train", 0, 3)]
+    mixed = rl.Task("calc_checks")
+    assert mixed.score(f"It comes to {items[0].answer}.", items[0]) == 1.0  # reasoning-gym's scorer, no call needed
+    zh = next(i for i in rl.Task("checks").items("train", 0, 20) if i.entry.zh)
+    zh = rl.dataclasses.replace(zh, task="checks")
+    call = [{"role": "assistant", "content": "", "tool_calls": [
+        {"name": "calculator", "arguments": {"expression": zh.entry.expression}}]},
+        {"role": "tool", "content": zh.answer}]
+    said_zh, said_en = f"结果是 {zh.answer}。", f"The answer is {zh.answer}."
+    assert mixed.score(said_zh, zh, [*call, {"role": "assistant", "content": said_zh}]) == 1.0
+    assert mixed.score(said_en, zh, [*call, {"role": "assistant", "content": said_en}]) == 0.0  # wrong language
+    assert mixed.score(said_zh, zh, [{"role": "assistant", "content": said_zh}]) == 0.0  # no calculator call
+
+
 def test_custom_reward_and_its_errors(tmp_path, monkeypatch):
     (tmp_path / "myreward.py").write_text("def score(conversation, answer):\n    return float(len(conversation))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
