@@ -1,4 +1,5 @@
-"""Shared test fixtures: every test gets its own CHATSMITH_HOME, and at most TEST_THREADS torch threads.
+"""Shared test fixtures: every test gets its own CHATSMITH_HOME, and at most TEST_THREADS torch threads; and
+`randomize_weights`, the random test model's weights.
 
 The thread cap: the test models are tiny, so on a many-core machine torch's default (one thread per core) only adds
 contention, above all beside the subprocesses some tests start. It applies where torch is already imported (tests
@@ -11,6 +12,21 @@ import sys
 import pytest
 
 TEST_THREADS = 2
+
+
+def randomize_weights(model, seed: int = 0, matrix_scale: float = 1.0):
+    """Random weights everywhere, in place (init leaves o/down at zero and lm_head tiny, so greedy replies would not
+    vary with the prompt): norm weights U(0.5, 1.5), matrices N(0, matrix_scale^2). Returns the model in eval mode."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * matrix_scale)
+    return model.eval()
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from conftest import randomize_weights
 from test_turns import USER, call_text, scripted_engine
 
 from chatsmith import checkpoint, config
@@ -49,10 +50,7 @@ def tok() -> Tokenizer:
 def save_run(tok: Tokenizer, name: str = "tiny", seq_len: int = 128, chat_dir: bool = True) -> ModelConfig:
     cfg = ModelConfig(depth=1, n_embd=32, head_dim=16, seq_len=seq_len).resolve(tok.vocab_size)
     model = GPT.build(cfg)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # random weights everywhere, so that greedy replies vary with the prompt
-        for p in model.parameters():
-            p.copy_(torch.rand(p.shape, generator=gen) + 0.5 if p.dim() == 1 else torch.randn(p.shape, generator=gen))
+    randomize_weights(model)  # so that greedy replies vary with the prompt
     run = run_dir(name)
     tok.save(run / "tokenizer")
     root = run / "chat" / "checkpoints" if chat_dir else run / "checkpoints"

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import randomize_weights
 from test_sampling import penalize_reference
 
 from chatsmith.common import UserError
@@ -45,11 +46,7 @@ def tok() -> Tokenizer:
 def model(tok) -> GPT:
     cfg = ModelConfig(depth=2, n_embd=64, head_dim=16, n_head=4, n_kv_head=2, seq_len=256).resolve(tok.vocab_size)
     model = GPT.build(cfg)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # random weights everywhere (init leaves o/down at zero and lm_head tiny)
-        for p in model.parameters():
-            p.copy_(torch.rand(p.shape, generator=gen) + 0.5 if p.dim() == 1 else torch.randn(p.shape, generator=gen))
-    return model.eval()
+    return randomize_weights(model)
 
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:

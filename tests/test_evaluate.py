@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from conftest import randomize_weights
 
 from chatsmith import checkpoint, config, evaluate, tasks
 from chatsmith.common import UserError, run_dir
@@ -35,12 +36,7 @@ def tok() -> Tokenizer:
 def random_model(vocab: int, seq_len: int = 64, seed: int = 0) -> GPT:
     cfg = ModelConfig(depth=2, n_embd=64, head_dim=16, n_head=4, n_kv_head=2, seq_len=seq_len).resolve(vocab)
     model = GPT.build(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # random weights everywhere (init leaves o/down at zero and lm_head tiny)
-        for p in model.parameters():
-            p.copy_(torch.rand(p.shape, generator=gen) + 0.5 if p.dim() == 1 else torch.randn(p.shape, generator=gen)
-                    * 0.5)
-    return model.eval()
+    return randomize_weights(model, seed, matrix_scale=0.5)
 
 
 @pytest.fixture(scope="module")

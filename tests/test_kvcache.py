@@ -6,6 +6,7 @@ forwards and against full recompute; the weights key.
 
 import pytest
 import torch
+from conftest import randomize_weights
 
 from chatsmith.kvcache import forward_fused, forward_mixed, weights_key
 from chatsmith.model import GPT, ModelConfig
@@ -15,11 +16,7 @@ from chatsmith.model import GPT, ModelConfig
 def model() -> GPT:
     cfg = ModelConfig(depth=2, n_embd=64, head_dim=16, n_head=4, n_kv_head=2, seq_len=128).resolve(300)
     model = GPT.build(cfg)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # random weights everywhere (init leaves o/down at zero and lm_head tiny)
-        for p in model.parameters():
-            p.copy_(torch.rand(p.shape, generator=gen) + 0.5 if p.dim() == 1 else torch.randn(p.shape, generator=gen))
-    return model.eval()
+    return randomize_weights(model)
 
 
 @pytest.mark.parametrize("decode_slots", [[0, 1, 2], [2, 0], [1]])  # contiguous or scattered, one length or many
