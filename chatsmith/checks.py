@@ -112,6 +112,11 @@ def han_fraction(text: str) -> float:
     return han / max(1, len(letters))
 
 
+def in_language(text: str, zh: bool) -> bool:
+    """Whether `text` is Chinese (han_fraction >= 0.5) when `zh`, and not Chinese when not."""
+    return (han_fraction(text) >= 0.5) == zh
+
+
 def normalise(text: str) -> str:
     """`text` compared loosely: NFKC (full-width ？ is ?), case folded, without whitespace and punctuation."""
     text = unicodedata.normalize("NFKC", text).casefold()
@@ -185,7 +190,7 @@ def score_identity(text: str, zh: bool) -> dict:
     prompt or not Chinese for an English one, measured without the name itself."""
     name = "chatsmith" in text.casefold()
     rest = re.sub("chatsmith", " ", text, flags=re.IGNORECASE)
-    language = (han_fraction(rest) >= 0.5) == zh
+    language = in_language(rest, zh)
     return {"pass": name and language, "name": name, "language": language}
 
 

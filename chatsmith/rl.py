@@ -154,7 +154,7 @@ class Task:
             return Task(item.task).score(text, item, messages)
         if self.name == "checks":  # the right calculator call, the right stated result, in the language asked
             right = checks.score_arithmetic(messages, item.entry)["pass"]
-            return 1.0 if right and (checks.han_fraction(text or "") >= 0.5) == item.entry.zh else 0.0
+            return 1.0 if right and checks.in_language(text or "", item.entry.zh) else 0.0
         if self.name == "seven":
             return 1.0 if re.search(r"(?<!\d)7(?!\d)", text or "") else 0.0
         from .tasks.arithmetic import CONFIGS
