@@ -337,8 +337,13 @@ def model_kind(checkpoint: Path, is_chat: bool) -> str:
 
 
 def result_path(run: Path, stage: str, step: int, suffix: str = ".json", kind: str = "") -> Path:
-    """`eval/<stage>_stepNNNNNN.json`, or `eval/rl_stepNNNNNN.json` for an RL model (its steps count from 0 again)."""
-    return Path(run) / "eval" / f"{'rl' if kind == 'rl' else stage}_step{step:06d}{suffix}"
+    """`eval/<stage>_stepNNNNNN.json`, or `eval/rl_stepNNNNNN.json` for an RL model (its steps count from 0 again).
+    A chat model scored as a base model (`--stage base`) gets `chat_base_...` or `rl_base_...`: no step number of one
+    model can overwrite another model's results."""
+    name = "rl" if kind == "rl" else stage
+    if stage == "base" and kind in ("sft", "rl"):
+        name = f"{'rl' if kind == 'rl' else 'chat'}_base"
+    return Path(run) / "eval" / f"{name}_step{step:06d}{suffix}"
 
 
 def _earlier(path: Path, checkpoint: str) -> dict:

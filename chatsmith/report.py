@@ -124,7 +124,10 @@ def eval_results(run: Path) -> dict[str, dict]:
         stage = res.get("stage")
         if stage not in evaluate.STAGES or not isinstance(res.get("tasks"), dict):
             continue
-        key = "rl" if res.get("model") == "rl" else stage
+        model = res.get("model") or ("base" if stage == "base" else "sft")
+        if (stage == "base") != (model == "base"):  # a chat model scored as a base model is not the base model
+            continue
+        key = "rl" if model == "rl" else stage
         if key not in best or res.get("step", 0) >= best[key].get("step", 0):
             path = evaluate.result_path(run, stage, res.get("step", 0), kind=res.get("model", ""))
             best[key] = {**res, "file": str(path.relative_to(run))}

@@ -323,6 +323,8 @@ def test_a_later_eval_of_some_tasks_keeps_the_others_and_rl_results_have_their_o
     assert evaluate.model_kind(run / "checkpoints" / "step_000040", False) == "base"
     sft_path, rl_path = (evaluate.result_path(run, "chat", 40, kind=k) for k in ("sft", "rl"))
     assert sft_path.name == "chat_step000040.json" and rl_path.name == "rl_step000040.json"
+    as_base = [evaluate.result_path(run, "base", 40, kind=k).name for k in ("base", "sft", "rl")]
+    assert as_base == ["base_step000040.json", "chat_base_step000040.json", "rl_base_step000040.json"]
     old = {"checkpoint": str(sft_ck), "bpb": {"all": 1.9}, "tasks": {"mmlu": {"score": 0.3}, "gsm8k": {"score": 0}}}
     atomic_write_json(sft_path, old)
     assert evaluate._earlier(sft_path, str(sft_ck)) == old  # its tasks and bpb are kept by a later eval

@@ -92,6 +92,8 @@ def fixture_run(chatsmith_home, tmp_path, monkeypatch):
     (run / "eval" / "base_step000010.json").write_text(json.dumps(eval_result("base", 10, {
         "arc_easy": task(40, 17, 0.25), "piqa": task(40, 21, 0.5)}, bpb={"all": 2.5, "en": 2.25, "zh": 3.125},
         core=0.1234)))
+    (run / "eval" / "chat_base_step000020.json").write_text(json.dumps(eval_result("base", 20, {  # the chat model
+        "arc_easy": task(40, 30, 0.25)}, model="sft")))  # scored by log-likelihood: not the base model's row
     (run / "eval" / "chat_step000010.json").write_text(json.dumps(eval_result("chat", 10, {
         "gsm8k": task(20, 1, 0.0, "exact"), "mmlu": task(40, 9, 0.25, "acc")}, chatcore=-0.0125)))
     return run, tok_cfg, mcfg
@@ -151,6 +153,7 @@ def test_report_holds_the_files_numbers(fixture_run):
     # evaluation: the newest step per stage, its table as evaluate.py writes it, the file's numbers, above chance
     # where the interval's lower end is (arc_easy: 0.325 > 0.25; piqa: 0.425 < 0.5)
     assert "eval/base_step000010.json" in text and "base_step000005.json" not in text
+    assert "chat_base_step000020" not in text
     res = json.loads((run / "eval" / "base_step000010.json").read_text())
     assert evaluate.markdown_table(res) in text
     for name, t in res["tasks"].items():
