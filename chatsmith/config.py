@@ -171,8 +171,10 @@ class SpeedrunConfig:
     rl: bool = opt(True, "run the RL stage (GRPO on arithmetic with the calculator) after SFT")
     eval_limit: int = opt(200, "items per task when the speedrun evaluates its models (`chatsmith eval` runs whole "
                                "sets on request); 0 skips the evaluation", min=0, max=10**9)
-    eval_full: tuple[str, ...] = opt(("arc_easy",), "tasks evaluated on their whole set whatever --eval-limit (for an "
+    eval_full: tuple[str, ...] = opt(("arc_easy",), "tasks evaluated on more items than --eval-limit (for an "
                                                    "interval narrow enough to tell the model from chance)")
+    eval_full_limit: int = opt(0, "items of each --eval-full task (a seeded subset); 0 = the whole set", min=0,
+                               max=10**9)
     chat_tasks: tuple[str, ...] = opt(("arc_easy", "mmlu", "idioms", "arithmetic"),
                                       "tasks the chat models (SFT and RL) are evaluated on")
     eval_max_tokens: int = opt(256, "reply length limit of the generative tasks in that evaluation", min=1,
@@ -220,7 +222,7 @@ class SFTStage:
 
 
 # RL (chatsmith/rl.py): GRPO on the chat model; its sections live here so the speedrun can hold them
-RL_TASKS = ("arithmetic", "chain_sum", "calc", "gsm_symbolic", "gsm8k", "checks", "calc_checks", "seven")
+RL_TASKS = ("arithmetic", "chain_sum", "calc", "gsm_symbolic", "gsm8k", "checks", "calc_checks", "identity", "assistant", "seven")
 
 
 @dataclass(frozen=True)
@@ -322,9 +324,10 @@ def preset_cpu() -> dict[str, dict[str, Any]]:
                 "max_convs": 3000, "max_chars": 1000},
         "sft_optim": {"matrix_lr": 0.01, "embed_lr": 0.1, "head_lr": 0.002, "scalar_lr": 0.02},
         "sft_train": {"steps": 280, "device_batch": 8, "eval_every": 140, "eval_tokens": 32768, "ckpt_every": 70},
-        "rl": {"task": "calc_checks", "prompts": 16, "group": 8, "eval_prompts": 50, "slots": 64},
+        "rl": {"task": "assistant", "prompts": 16, "group": 8, "eval_prompts": 50, "slots": 64},
         "rl_train": {"steps": 12, "ckpt_every": 4},
-        "speedrun": {"eval_limit": 100, "eval_full": ("calc",), "chat_tasks": ("calc", "arithmetic", "mmlu", "idioms")},
+        "speedrun": {"eval_limit": 100, "eval_full": ("calc",), "eval_full_limit": 500,
+                     "chat_tasks": ("calc", "arithmetic", "mmlu", "idioms")},
     }
 
 

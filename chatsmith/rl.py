@@ -37,7 +37,9 @@ English and Chinese, from the SFT arithmetic source's train split; reward 1 only
 and the right stated result, as checks.score_arithmetic judges; its held-out questions come from the split no
 training sees; the final answer must also be in the language asked, as the checks' zh rule reads it),
 `calc_checks` (the two in turn: reasoning-gym's English-only questions alone let the Chinese arithmetic replies drift
-to English) and `seven` (a toy: any reply that says 7 scores 1; for tests). Train and held-out questions are
+to English), `identity` (the SFT identity source's "who are you" questions in English and Chinese; reward 1 when the
+reply says chatsmith in the language asked, the identity check's rule; the checks' own phrasings are never asked),
+`assistant` (calc, checks and identity in turn) and `seven` (a toy: any reply that says 7 scores 1; for tests). Train and held-out questions are
 split by a hash of the question text (of the expression for `checks`), so they never overlap, whatever the seeds.
 """
 
@@ -49,6 +51,7 @@ import hashlib
 import importlib
 import json
 import math
+import random
 import re
 import threading
 import time
@@ -63,7 +66,8 @@ from . import checkpoint, checks, config
 from .common import UserError, autocast_dtype, is_rank0, log, progress, read_json, run_dir
 
 TASKS = config.RL_TASKS
-MIXTURES = {"calc_checks": ("calc", "checks")}  # a mixture task: its parts' questions in turn
+MIXTURES = {"calc_checks": ("calc", "checks"),  # a mixture task: its parts' questions in turn
+            "assistant": ("calc", "checks", "identity")}
 RLConfig, RLStage, RL_OPTIM, RL_TRAIN = config.RLConfig, config.RLStage, config.RL_OPTIM, config.RL_TRAIN
 
 
@@ -124,6 +128,15 @@ class Task:
             evaluated = {e["question"].removeprefix("Calculate ").removesuffix(".")
                          for e in arithmetic.dataset("calc")}  # `chatsmith eval`'s calc problems: never trained on
             return [Item(p.question, str(p.result), p) for p in problems if p.expression not in evaluated][:n]
+        if self.name == "identity":  # the SFT identity source's "who are you" questions, never a checks phrasing
+            from .data import chat
+
+            pool = [(q, zh) for q, zh in chat.identity_questions() if split_of(q) == split]
+            random.Random(f"chatsmith-rl:identity:{seed}").shuffle(pool)
+            if len(pool) < n:
+                raise UserError(f"task identity has {len(pool)} {split} questions, fewer than the {n} asked; ask "
+                                f"for fewer")
+            return [Item(q, "chatsmith", zh) for q, zh in pool[:n]]
         if self.name == "seven":
             asks = ("Say a number.", "Pick a number.", "Name a number.", "Give me a number.", "Any number?")
             pool = [f"{a} ({i})" for i in range(10 * n + 50) for a in asks]
@@ -155,6 +168,8 @@ class Task:
         if self.name == "checks":  # the right calculator call, the right stated result, in the language asked
             right = checks.score_arithmetic(messages, item.entry)["pass"]
             return 1.0 if right and checks.in_language(text or "", item.entry.zh) else 0.0
+        if self.name == "identity":  # says chatsmith, in the language asked (the identity check's rule)
+            return 1.0 if checks.score_identity(text or "", item.entry)["pass"] else 0.0
         if self.name == "seven":
             return 1.0 if re.search(r"(?<!\d)7(?!\d)", text or "") else 0.0
         from .tasks.arithmetic import CONFIGS

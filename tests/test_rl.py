@@ -171,6 +171,30 @@ def test_mixture_task_takes_its_parts_in_turn_and_scores_each_by_its_own_rule():
     assert mixed.score(said_zh, zh, [{"role": "assistant", "content": said_zh}]) == 0.0  # no calculator call
 
 
+def test_identity_task_asks_the_sft_sources_questions_never_a_checks_phrasing_and_wants_the_name_in_language():
+    from chatsmith import checks
+    from chatsmith.data import chat
+
+    train, held = rl.Task("identity").items("train", 0, 300), rl.Task("identity").items("eval", 0, 60)
+    asked = {q for q, _ in chat.identity_questions()}
+    assert {i.question for i in train} <= asked and not {i.question for i in train} & {i.question for i in held}
+    assert {i.entry for i in train} == {False, True}  # both languages
+    assert all(i.entry == (checks.han_fraction(i.question) >= 0.5) for i in train + held)
+    phrasings = {checks.normalise(q) for q in (*checks.IDENTITY_EN, *checks.IDENTITY_ZH)}
+    assert not {checks.normalise(q) for q in asked} & phrasings  # the identity check stays held out
+    en, zh = next(i for i in train if not i.entry), next(i for i in train if i.entry)
+    task = rl.Task("identity")
+    assert task.score("I am chatsmith, a small model.", en) == 1.0
+    assert task.score("我是 chatsmith，一个小模型。", zh) == 1.0
+    assert task.score("I am chatsmith, a small model.", zh) == 0.0  # not in the language asked
+    assert task.score("我是一个小模型。", zh) == 0.0  # no name
+    with pytest.raises(UserError, match="fewer"):
+        task.items("eval", 0, 10_000)
+    mixed = rl.Task("assistant").items("train", 0, 6)
+    assert [i.task for i in mixed] == ["calc", "checks", "identity"] * 2
+    assert rl.Task("assistant").score("我是 chatsmith。", mixed[2]) == task.score("我是 chatsmith。", mixed[2])
+
+
 def test_custom_reward_and_its_errors(tmp_path, monkeypatch):
     (tmp_path / "myreward.py").write_text("def score(conversation, answer):\n    return float(len(conversation))\n")
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -253,6 +253,17 @@ _ID_SYSTEMS = MappingProxyType({
 })
 
 
+def _greet(greeting: str, question: str) -> str:
+    return greeting + (question[0].lower() + question[1:] if greeting.endswith(", ") else question)
+
+
+def identity_questions() -> list[tuple[str, bool]]:
+    """(question, Chinese?) for every opening "who are you" question the identity source asks (each phrasing with
+    each greeting), English first: RL's `identity` task asks these."""
+    return [(_greet(greeting, question), lang == "zh") for lang, intents in (("en", _ID_EN), ("zh", _ID_ZH))
+            for question in intents["who"][0] for greeting in _ID_GREETINGS[lang]]
+
+
 def _identity_draw(rng: random.Random) -> tuple[str, Conversation]:
     lang = rng.choice(("en", "zh"))
     intents = _ID_EN if lang == "en" else _ID_ZH
@@ -263,8 +274,7 @@ def _identity_draw(rng: random.Random) -> tuple[str, Conversation]:
         questions, answers = intents[intent]
         question = rng.choice(questions)
         if k == 0:
-            greeting = rng.choice(_ID_GREETINGS[lang])
-            question = greeting + (question[0].lower() + question[1:] if greeting.endswith(", ") else question)
+            question = _greet(rng.choice(_ID_GREETINGS[lang]), question)
         conv += [{"role": "user", "content": question}, {"role": "assistant", "content": rng.choice(answers)}]
     return json.dumps(conv, ensure_ascii=False, sort_keys=True), conv
 
