@@ -351,7 +351,11 @@ def _timing_lines(speedrun: dict | None) -> list[str]:
                 ""]
     order = ("tokenizer", "data", "pretrain", "sft", "rl", "eval base", "eval base (whole sets)", "eval chat",
              "eval sft", "eval sft (whole sets)", "eval rl", "eval rl (whole sets)", "report")
-    names = sorted(stages, key=lambda n: (order.index(n) if n in order else len(order), n))  # pipeline order
+    def rank(name: str) -> tuple:  # pipeline order; "eval sft (500 items)" right after "eval sft (whole sets)"
+        base = name.split(" (")[0] + " (whole sets)" if " (" in name else name
+        return (order.index(base) if base in order else len(order), name)
+
+    names = sorted(stages, key=rank)
     rows = [[n, _f(stages[n].get("seconds", 0.0), 1), _duration(stages[n].get("seconds", 0.0))] for n in names]
     total = sum(rec.get("seconds", 0.0) for rec in stages.values())
     rows.append(["**total**", _f(total, 1), _duration(total)])

@@ -6,10 +6,10 @@
     torchrun --standalone --nproc_per_node=2 -m chatsmith speedrun    # data parallel (see distributed.py)
 
 Stages: documents + tokenizer (`tokenizer train`) → token shards (`data prepare`) → pretraining (`pretrain`) →
-chat fine-tuning (`sft`) → RL (`rl`: GRPO on arithmetic with the calculator; `--no-rl` skips it) → the assistant
+chat fine-tuning (`sft`) → RL (`rl`: GRPO with the calculator, on the preset's task; `--no-rl` skips it) → the assistant
 checks of checks.py, once, on the final model (at the end of RL, or of SFT without RL) → evaluation of the base,
-SFT and RL models (`eval`: `--eval-limit` items per task, the `--eval-full` tasks on their whole sets, replies up to
-`--eval-max-tokens`) → the report card (`report`); then it prints where the report is and how to chat and serve.
+SFT and RL models (`eval`: `--eval-limit` items per task, the `--eval-full` tasks on `--eval-full-limit` items (0:
+their whole sets), replies up to `--eval-max-tokens`) → the report card (`report`); then it prints where the report is and how to chat and serve.
 Each stage skips work already done in the run directory, so rerunning after an interruption continues where it
 stopped (pretraining, SFT and RL resume from their latest checkpoints). `--minutes N` scales the step budgets of
 the three training stages by N / `--budget-minutes` (what the preset is sized for); the other stages take the time
@@ -115,7 +115,8 @@ def scaled(cfg: config.SpeedrunStage) -> config.SpeedrunStage:
 
 def evaluate_model(cfg: config.SpeedrunStage, run: Path, model: str, clock: StageClock) -> None:
     """Evaluate the run's newest `model` ("base" | "sft" | "rl"): the stage's tasks (the base suite, or --chat-tasks)
-    on --eval-limit items each, then the --eval-full tasks on their whole sets (evaluate merges both into one result
+    on --eval-limit items each, then the --eval-full tasks on --eval-full-limit items (0: their whole sets; evaluate
+    merges both into one result
     file); a pass that finished for that checkpoint is not run again. Skipped with one line when there is no such
     checkpoint."""
     from . import checkpoint, evaluate
@@ -132,8 +133,9 @@ def evaluate_model(cfg: config.SpeedrunStage, run: Path, model: str, clock: Stag
     full = [t for t in sp.eval_full if t in suite]
     step = int(ckpts[-1].name.split("_")[1])
     key = StageClock.fingerprint(sp, step, str(ckpts[-1]))
+    more = "whole sets" if sp.eval_full_limit == 0 else f"{sp.eval_full_limit} items"
     for name, tasks, limit in ((f"eval {model}", tuple(t for t in suite if t not in full), sp.eval_limit),
-                               (f"eval {model} (whole sets)", tuple(full), 0)):
+                               (f"eval {model} ({more})", tuple(full), sp.eval_full_limit)):
         if not tasks or clock.is_done(name, key):  # a finished pass is not redone
             continue
         with clock.stage(name, key):

@@ -242,3 +242,12 @@ def test_rl_section_and_the_cpu_tuning_table(tmp_path):
     table = (Path(report.__file__).parent / "tuning_cpu.md").read_text(encoding="utf-8").strip()
     assert report._tuning_lines({"speedrun": {"run": {"preset": "cpu"}}})[2] == table
     assert report._tuning_lines({"speedrun": {"run": {"preset": "smoke"}}}) == []
+
+
+def test_stage_times_follow_the_pipeline_whatever_the_eval_pass_is_called():
+    stages = {n: {"seconds": 1.0} for n in ("report", "eval rl (500 items)", "eval sft", "eval rl", "sft", "mystery",
+                                             "eval sft (whole sets)", "eval base", "tokenizer")}
+    rows = [line.split(" | ")[0].lstrip("| ") for line in report._timing_lines({"stages": stages})
+            if line.startswith("| ") and "---" not in line][1:-1]  # header and total left out
+    assert rows == ["tokenizer", "sft", "eval base", "eval sft", "eval sft (whole sets)", "eval rl",
+                    "eval rl (500 items)", "report", "mystery"]

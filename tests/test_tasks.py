@@ -161,8 +161,10 @@ def test_arithmetic_items_are_seeded_and_not_sft_questions():
     pytest.importorskip("reasoning_gym")
     from chatsmith.data.chat import arithmetic_conversations
 
+    from chatsmith.tasks import arithmetic
+
     items = tasks.get("arithmetic").load("pkg")
-    assert len(items) == 500 and items == tasks.get("arithmetic").load("pkg")
+    assert len(items) == arithmetic.SIZE and items == tasks.get("arithmetic").load("pkg")
     sft = {conv[0]["content"] for conv in arithmetic_conversations("train", 500, seed=1337)}
     assert not sft & {item.prompt for item in items}
     task = tasks.get("arithmetic")
