@@ -141,7 +141,9 @@ def evaluate_model(cfg: config.SpeedrunStage, run: Path, model: str, clock: Stag
         with clock.stage(name, key):
             evaluate.main(config.make(evaluate.EvalStage, {
                 "run": {"run": cfg.run.run, "preset": cfg.run.preset},
-                "load": {"run": cfg.run.run, "checkpoint": str(ckpts[-1])},
+                # base models are scored by batched forwards (log-likelihoods, bits per byte), which use both cores;
+                # chat models mostly decode, where one torch thread beside the engine's Python threads is as fast
+                "load": {"run": cfg.run.run, "checkpoint": str(ckpts[-1]), "threads": 0 if stage == "base" else 1},
                 "eval": {"stage": stage, "tasks": tasks, "limit": limit, "max_tokens": sp.eval_max_tokens,
                          "bpb": stage == "base" and limit != 0}}))
 
