@@ -6,9 +6,9 @@
     except ValidationError as e:
         raise invalid_body(e, ChatRequest) from None   # an APIError: 400, param "messages", what it expects
 
-Nothing here touches the engine thread, the model or the HTTP framework: server.py holds how a request is run and
-served, this file what goes over the wire, and how a body becomes prompts and sampling parameters (`build_job`,
-given a tokenizer and the context length).
+Nothing here touches the engine thread, the model or the HTTP framework: generation.py holds how a request is run,
+server.py how it is served, this file what goes over the wire, and how a body becomes prompts and sampling
+parameters (`build_job`, given a tokenizer and the context length).
 
 How it is shaped:
 - Validation: pydantic models in strict mode (no coercion: "1" and true are not numbers; null means "not given")

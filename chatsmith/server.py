@@ -19,7 +19,7 @@ How it is shaped:
   handler submits its sequences with an `on_event` callback that hands each event to the loop with
   `call_soon_threadsafe` into the request's asyncio.Queue. The only model work on another thread is the logprobs
   re-scoring (below), in a one-worker executor.
-- Both POST endpoints share one path (body -> Job -> Generation -> JSON reply or SSE chunks); they differ only in
+- Both POST endpoints share one path (body -> Job -> `Generation` -> JSON reply or SSE chunks); they differ only in
   how the prompt is built and how a choice is shaped. The body is read with a deadline (`--body-timeout`, then 408:
   a slow-loris client cannot hold a handler forever); JSON parsing, validation and tokenizing (up to
   `--max-body-bytes`) run in a small thread pool, off the event loop.
@@ -54,7 +54,8 @@ How it is shaped:
   the model's distribution before temperature, filters and penalties (vLLM's default). A stop token at the end gets
   no entry; when streaming, all logprobs come with the last chunk of each choice.
 - The wire format lives in protocol.py (request models and their 400s, body -> Job, error, reply and chunk shapes,
-  `Choice`, the /metrics registry); this file reads bodies, runs requests and serves them.
+  `Choice`, the /metrics registry); one request's run on the engine (admission, deadline, events, release,
+  logprobs) in generation.py; this file reads bodies, holds the server state and serves the replies.
 """
 
 
@@ -67,19 +68,17 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .checkpoint import LoadConfig, load_model
 from .common import UserError, log
 from .config import opt
+from .generation import STATUS_CLIENT_GONE, Generation
 from .protocol import (
     APIError,
-    Choice,
     Job,
     Metrics,
     build_job,
     invalid_value,
-    logprobs_body,
     parse_body,
     reply_choice,
     reply_head,
@@ -89,7 +88,6 @@ from .protocol import (
 )
 
 WEB_TOOLS = ("calculator",)  # the tools of tools.py that /v1/tools runs for a client (never model-written code)
-STATUS_CLIENT_GONE = 499  # nginx's "client closed request", for /metrics
 
 
 @dataclass(frozen=True)
@@ -127,12 +125,14 @@ def web_tools(cfg: ServeConfig) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the server state (engine thread, admission count) and one request's generation: validated prompts -> choices
+# the server state: engine thread, admission count, the bridges to waiting handlers, logprobs scoring
 
 
 class Server:
     """Everything the app needs; `engine` is None until `start` (then /health turns 200). `error` is what clients
-    see when the server cannot serve: words only, never an exception's text (it may hold absolute paths)."""
+    see when the server cannot serve: words only, never an exception's text (it may hold absolute paths).
+    `pending` (request id -> the handler's loop and queue) and `scorer` (the logprobs executor) serve
+    generation.Generation."""
 
     def __init__(self, cfg: ServeConfig, api_key: str = "") -> None:
         if cfg.slots < 1 or cfg.max_queue < 0 or cfg.max_body_bytes < 1 or cfg.timeout <= 0 or cfg.body_timeout <= 0:
@@ -146,9 +146,9 @@ class Server:
         self.created = int(time.time())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._scorer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chatsmith-logprobs")
+        self.scorer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chatsmith-logprobs")
         self.workers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="chatsmith-parse")  # off the loop
-        self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}  # request id -> bridge
+        self.pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}  # request id -> bridge
 
     def start(self, engine, tokenizer, model_id: str) -> None:
         """Take the engine and run its thread (serve_forever) until `stop`."""
@@ -168,7 +168,7 @@ class Server:
             self.engine.serve_forever(self._stop)
         except Exception as e:  # serve_forever isolates step errors; this is a last resort: fail every waiting handler
             self.fail("the engine stopped", e)
-            for loop, q in list(self._pending.values()):
+            for loop, q in list(self.pending.values()):
                 with contextlib.suppress(RuntimeError):  # a closed loop must not kill this thread
                     loop.call_soon_threadsafe(q.put_nowait, None)
 
@@ -176,7 +176,7 @@ class Server:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        self._scorer.shutdown(wait=False, cancel_futures=True)
+        self.scorer.shutdown(wait=False, cancel_futures=True)
         self.workers.shutdown(wait=False, cancel_futures=True)
 
     @property
@@ -196,119 +196,6 @@ class Server:
         tops = logp.topk(top, dim=-1) if top else None
         return [(c, [] if tops is None else list(zip(tops.indices[t].tolist(), tops.values[t].tolist())))
                 for t, c in enumerate(chosen)]
-
-
-class Generation:
-    """The sequences of one HTTP request in flight: admit, iterate events until the deadline, release. `status` is
-    what /metrics counts when it ends (499 until it finishes or fails otherwise)."""
-
-    def __init__(self, server: Server, job: Job, arrived: float):
-        self.server, self.job, self.arrived = server, job, arrived
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.choices = [Choice(job.tools) for _ in job.prompts]
-        self.requests: list = []
-        self.cancel_reason: str | None = "disconnect"
-        self.status = STATUS_CLIENT_GONE
-        self.released = False
-
-    def admit(self) -> None:
-        """Submit one engine sequence per prompt, or refuse with 429; each event arrives in `queue` as (i, Event).
-        Whatever was submitted counts in `in_flight` at once, so that `release` undoes exactly that."""
-        s, cfg = self.server, self.server.cfg
-        n, capacity = len(self.job.prompts), cfg.slots + cfg.max_queue
-        if n > capacity:
-            raise APIError(429, f"this request needs {n} sequences but the server holds at most {capacity}; lower n",
-                           code="queue_full", type="rate_limit_error", headers={"x-should-retry": "false"})
-        if s.in_flight + n > capacity:
-            raise APIError(429, f"the server is busy ({s.in_flight} sequences in flight, at most {capacity}); "
-                                f"retry later", code="queue_full", type="rate_limit_error",
-                           headers={"retry-after": "1"})
-        loop = asyncio.get_running_loop()
-        try:
-            for i, (prompt, params) in enumerate(zip(self.job.prompts, self.job.params)):
-                def on_event(event, i=i):  # on the engine thread
-                    with contextlib.suppress(RuntimeError):  # a closed loop must not kill that thread
-                        loop.call_soon_threadsafe(self.queue.put_nowait, (i, event))
-                self.requests.append(s.engine.submit(prompt, params, on_event=on_event))
-                s._pending[self.requests[-1].id] = (loop, self.queue)
-                s.in_flight += 1
-        except BaseException:
-            self.release()
-            raise
-        s.metrics.prompt_tokens(self.usage()["prompt_tokens"])
-
-    async def events(self, keepalive: float | None = None):
-        """Yields (index, text delta, finished) per event, or None every `keepalive` s without one."""
-        deadline = self.arrived + self.server.cfg.timeout
-        left = len(self.requests)
-        while left:
-            wait = deadline - time.monotonic()
-            if wait <= 0:
-                self.cancel_reason = "timeout"
-                raise APIError(504, f"the request did not finish within the server's {self.server.cfg.timeout:g} s "
-                                    f"deadline", code="timeout", type="timeout_error",
-                               headers={"x-should-retry": "false"})
-            try:
-                item = await asyncio.wait_for(self.queue.get(), min(wait, keepalive or wait))
-            except TimeoutError:
-                if keepalive and time.monotonic() < deadline:
-                    yield None
-                continue
-            if item is None:
-                raise APIError(500, self.server.error or "the engine stopped", type="server_error",
-                               code="engine_error")
-            i, event = item
-            choice = self.choices[i]
-            if event.token_ids:
-                self.server.metrics.tokens(len(event.token_ids))
-                if choice.first_at is None:
-                    choice.first_at = time.monotonic()
-                    self.server.metrics.ttft(choice.first_at - self.arrived)
-            if event.finish_reason == "error":
-                self.server.metrics.engine_errors()
-                raise APIError(500, f"the engine failed on this request ({self.requests[i].error}); the other "
-                                    f"requests go on, and the server log says why", type="server_error",
-                               code="engine_error")
-            delta = choice.push(event.text)
-            if event.finish_reason is not None:
-                left -= 1
-                delta += choice.finish(self.requests[i])
-            yield i, delta, event.finish_reason is not None
-        self.cancel_reason = None
-
-    def release(self) -> None:
-        """The handler is done: cancel what still runs (counted under `cancel_reason`); the engine applies it at its
-        next step. Idempotent; called on every path out of a request."""
-        if self.released:
-            return
-        self.released, s = True, self.server
-        running = [r for r in self.requests if not r.done]
-        for r in running:
-            r.cancel()
-        if running and self.cancel_reason:
-            s.metrics.cancelled(self.cancel_reason, len(running))
-        for r in self.requests:
-            s._pending.pop(r.id, None)
-        s.in_flight -= len(self.requests)
-
-    def usage(self) -> dict:
-        prompt = sum(len(p) for p in self.job.prompts[::self.job.req.n])
-        completion = sum(len(r.token_ids) for r in self.requests)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    async def logprobs(self, i: int) -> Any:
-        """The logprobs object of choice i (chat: {"content": [...]}, completions: the legacy shape)."""
-        job, request, tok = self.job, self.requests[i], self.server.tokenizer
-        if job.top_logprobs is None:
-            return None
-        ids = list(request.token_ids)
-        if ids and ids[-1] in (*self.server.engine.eos_ids,) and request.stop_reason == ids[-1]:
-            ids = ids[:-1]
-        prompt = list(job.prompts[i])
-        scored = await asyncio.get_running_loop().run_in_executor(
-            self.server._scorer, self.server.score, prompt + ids, len(prompt), job.top_logprobs) if ids else []
-        return logprobs_body(job.chat, ids, scored, tok.id_bytes, job.top_logprobs,
-                             len(job.echo[i]) if job.echo else 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
