@@ -11,9 +11,9 @@ the evaluation tables (`eval/<stage>_stepNNNNNN.json`) beside published referenc
 and RL models (`chat/` and `rl/chat_checks.json`, chatsmith/checks.py), and samples in English and Chinese. A section
 whose data is missing says so in one line. `chatsmith speedrun` ends by writing it.
 
-Choices: matplotlib with the Agg backend (PNG files only, no display needed); every reference number is copied from
-the source named in its row, in the metric and shot count named there; the report's own numbers are printed as the
-files hold them (4 decimals), so a reader can grep them back.
+Choices: the plots are drawn by plots.py (matplotlib, Agg: PNG files only, no display needed); every reference number
+is copied from the source named in its row, in the metric and shot count named there; the report's own numbers are
+printed as the files hold them (4 decimals), so a reader can grep them back.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from typing import Any
 from . import checks
 from .common import UserError, atomic_write_json, atomic_write_text, cpu_flags, latest_run, log, run_dir
 from .config import opt
+from .plots import plot_eval, plot_loss, plot_lr, plot_throughput
 
 # CPU features that decide how fast training runs here (bf16/int8 matmul units, vector width)
 SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "avx_vnni", "amx_tile",
@@ -217,115 +218,6 @@ def _duration(seconds: float) -> str:
 
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# plots (matplotlib, Agg)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: works without a display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_loss(train: list[dict], val: list[dict], sft_train: list[dict], sft_val: list[dict], out: Path) -> bool:
-    if not train and not sft_train:
-        return False
-    plt = _pyplot()
-    panels = [p for p in (("pretraining", train, val, "val_bpb", "val bits per byte"),
-                          ("SFT", sft_train, sft_val, "val_loss", "val loss (nats / assistant token)")) if p[1]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
-    for ax, (title, tr, va, key, label) in zip(axes[0], panels):
-        ax.plot([r["tokens"] for r in tr], [r["loss"] for r in tr], color="tab:blue", lw=0.8, label="train loss")
-        ax.set_xlabel("tokens seen")
-        ax.set_ylabel("train loss (nats / token)", color="tab:blue")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        per_step = tr[-1]["tokens"] / max(1, tr[-1]["step"])
-        points = [(r["step"] * per_step, r[key]) for r in va if r.get(key) is not None]
-        if points:
-            ax2 = ax.twinx()
-            ax2.plot(*zip(*points), "o-", color="tab:red", label=label)
-            ax2.set_ylabel(label, color="tab:red")
-        ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def plot_lr(train: list[dict], sft_train: list[dict], out: Path) -> bool:
-    if not train and not sft_train:
-        return False
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for name, recs in (("pretraining", train), ("SFT", sft_train)):
-        if recs:
-            ax.plot([r["step"] for r in recs], [r["lr"] for r in recs], label=name)
-    ax.set_xlabel("optimizer step (of each stage)")
-    ax.set_ylabel("learning rate (embedding AdamW group)")
-    ax.set_title("learning-rate schedule (the other groups follow the same shape)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def plot_throughput(train: list[dict], sft_train: list[dict], out: Path) -> bool:
-    if not train and not sft_train:
-        return False
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for name, recs, color in (("pretraining", train, "tab:blue"), ("SFT", sft_train, "tab:orange")):
-        if recs:
-            ax.plot([r["step"] for r in recs], [r["tok_s"] for r in recs], lw=0.7, color=color, label=name)
-            med = statistics.median(r["tok_s"] for r in recs)
-            ax.axhline(med, color=color, ls="--", lw=1, label=f"{name} median {med:,.0f} tokens/s")
-    ax.set_xlabel("optimizer step (of each stage)")
-    ax.set_ylabel("training throughput (tokens / s)")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def plot_eval(results: dict[str, dict], out: Path) -> bool:
-    stages = [s for s in ("base", "chat") if results.get(s, {}).get("tasks")]
-    if not stages:
-        return False
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(stages), figsize=(6.5 * len(stages), 4.2), squeeze=False)
-    for ax, stage in zip(axes[0], stages):
-        tasks = results[stage]["tasks"]
-        names = list(tasks)
-        xs = range(len(names))
-        scores = [tasks[t]["score"] for t in names]
-        lo = [max(0.0, s - tasks[t]["ci95"][0]) for s, t in zip(scores, names)]
-        hi = [max(0.0, tasks[t]["ci95"][1] - s) for s, t in zip(scores, names)]
-        ax.bar([x - 0.2 for x in xs], scores, 0.4, yerr=[lo, hi], capsize=3, color="tab:blue",
-               label="score (95 % interval)")
-        ax.bar([x + 0.2 for x in xs], [tasks[t]["chance"] for t in names], 0.4, color="lightgray",
-               label="random chance")
-        ax.set_xticks(list(xs), [f"{t}\n{tasks[t]['metric']}, n={tasks[t]['n']}" for t in names], fontsize=7,
-                      rotation=30, ha="right")
-        ax.set_ylabel("score (fraction correct)")
-        ax.set_ylim(0, 1)
-        ax.set_title(f"{stage} model, step {results[stage].get('step')}")
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return True
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -425,11 +425,9 @@ def verify(pred: dict, rec: dict, rungs: list[dict]) -> dict:
 
 
 def plot(path: Path, rungs: list[dict], fit: dict, outcome: dict | None) -> None:
-    import matplotlib
+    from .plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rungs:
         ax.scatter([r["n"]] * len(r["losses"]), r["losses"], color="tab:blue", s=14, alpha=0.6)
