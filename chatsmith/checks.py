@@ -20,7 +20,7 @@ interval, its target, and `met` (the observed fraction reaches the target):
   Chinese). Reported for EN and ZH separately too.
 - `arithmetic` (0.90): `--check-arithmetic` problems a op b with a, b in 10..999 and op in +, -, x, half asked in
   English and half in Chinese with the phrasings in `ASK` and `OPS` (fixed here, so the held-out set stays the same
-  when the SFT phrasings in data/chat.py grow), distinct, seeded, and only those whose calculator
+  when the SFT phrasings in data/generated.py grow), distinct, seeded, and only those whose calculator
   expression hashes to the SFT arithmetic source's held-out split, so no training conversation holds one. Pass: the
   reply's first tool call is the calculator with the same expression (spaces dropped, x and the Unicode minus read as
   * and -: the same operands and operator in the same order, not merely the same value) AND its final answer states
@@ -249,7 +249,7 @@ def identity_prompts(n: int) -> list[tuple[str, bool]]:
 def arithmetic_problems(n: int, seed: int, train: bool = False) -> list[Problem]:
     """n distinct held-out problems (see the module docstring), even indices English, odd Chinese; the same for the
     same seed. `train`: problems of the SFT train split instead, never a held-out one (RL's `calc` task)."""
-    from .data import chat
+    from .data import generated
 
     rng = random.Random(f"chatsmith-checks:arithmetic:{seed}" + (":train" if train else ""))
     out: list[Problem] = []
@@ -262,7 +262,7 @@ def arithmetic_problems(n: int, seed: int, train: bool = False) -> list[Problem]
         op = rng.choice("+-*")
         a, b = rng.randint(lo, hi), rng.randint(lo, hi)
         problem = Problem(a, op, b, "", zh)
-        if problem.expression in seen or (chat.hash_split(problem.expression, "arithmetic") == "train") != train:
+        if problem.expression in seen or (generated.hash_split(problem.expression, "arithmetic") == "train") != train:
             continue
         seen.add(problem.expression)
         lang = "zh" if zh else "en"

@@ -129,9 +129,9 @@ class Task:
                          for e in arithmetic.dataset("calc")}  # `chatsmith eval`'s calc problems: never trained on
             return [Item(p.question, str(p.result), p) for p in problems if p.expression not in evaluated][:n]
         if self.name == "identity":  # the SFT identity source's "who are you" questions, never a checks phrasing
-            from .data import chat
+            from .data import generated
 
-            pool = [(q, zh) for q, zh in chat.identity_questions() if split_of(q) == split]
+            pool = [(q, zh) for q, zh in generated.identity_questions() if split_of(q) == split]
             random.Random(f"chatsmith-rl:identity:{seed}").shuffle(pool)
             if len(pool) < n:
                 raise UserError(f"task identity has {len(pool)} {split} questions, fewer than the {n} asked; ask "

@@ -1,8 +1,9 @@
-"""SFT data (chatsmith/data/chat.py): packed rows rebuilt segment by segment equal the rendered conversations (none cut,
-each exactly once per epoch), every target equals the next token where render_conversation's mask is 1 and -1
-elsewhere, too-long conversations are dropped and counted, loader state restores bit-exactly (mid-epoch and across an
-epoch), ranks are disjoint, val is disjoint from train for every source, arithmetic tool results equal
-tools.calculate, idiom answers equal the CSV meaning, identity exists in English and Chinese, the mixture rule.
+"""SFT data (chatsmith/data/chat.py, and the generated sources of data/generated.py): packed rows rebuilt segment by
+segment equal the rendered conversations (none cut, each exactly once per epoch), every target equals the next token
+where render_conversation's mask is 1 and -1 elsewhere, too-long conversations are dropped and counted, loader state
+restores bit-exactly (mid-epoch and across an epoch), ranks are disjoint, val is disjoint from train for every source,
+arithmetic tool results equal tools.calculate, idiom answers equal the CSV meaning, identity exists in English and
+Chinese, the mixture rule.
 
     python -m pytest -q tests/test_chat_data.py
 """
@@ -20,7 +21,7 @@ import pytest
 import torch
 
 from chatsmith.common import UserError
-from chatsmith.data import chat, sources
+from chatsmith.data import chat, generated, sources
 from chatsmith.data.chat import ChatLoader, SFTDataConfig, iter_val_batches
 from chatsmith.tokenizer import Tokenizer, assistant_text
 from chatsmith.tools import calculate
@@ -35,7 +36,7 @@ def needs(module: str):
 @pytest.fixture(scope="module")
 def convs() -> list:
     """Identity (1-2 exchanges, some with a system prompt) and arithmetic (4 messages, a tool call): mixed lengths."""
-    return chat.identity_conversations("train", 60, 1) + chat.arithmetic_conversations("train", 60, 1)
+    return generated.identity_conversations("train", 60, 1) + generated.arithmetic_conversations("train", 60, 1)
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +186,7 @@ def exact_value(expr: str) -> Fraction | float:
 
 
 def test_arithmetic_tool_calls():
-    convs = chat.arithmetic_conversations("train", 300, 0)
+    convs = generated.arithmetic_conversations("train", 300, 0)
     assert len({json.dumps(c, ensure_ascii=False) for c in convs}) == 300
     langs = Counter()
     for user, call, tool, answer in convs:
@@ -204,12 +205,12 @@ def test_arithmetic_tool_calls():
         assert answer["content"].endswith("。" if zh else ".")
     assert min(langs[True], langs[False]) > 100
     assert any("." in c[0]["content"] for c in convs)  # decimals
-    assert chat.arithmetic_conversations("train", 50, 0) == convs[:50]
-    assert chat.arithmetic_conversations("train", 50, 1) != convs[:50]
+    assert generated.arithmetic_conversations("train", 50, 0) == convs[:50]
+    assert generated.arithmetic_conversations("train", 50, 1) != convs[:50]
 
 
 def test_identity_both_languages():
-    convs = chat.identity_conversations("train", 400, 0)
+    convs = generated.identity_conversations("train", 400, 0)
     assert len({json.dumps(c, ensure_ascii=False) for c in convs}) == 400
     answers = [m["content"] for c in convs for m in c if m["role"] == "assistant"]
     assert any(a.startswith(("I am chatsmith", "I'm chatsmith")) for a in answers)

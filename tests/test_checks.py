@@ -16,7 +16,7 @@ import torch
 
 from chatsmith import checkpoint, checks, config, report, rl
 from chatsmith.common import UserError, run_dir
-from chatsmith.data import chat, sources
+from chatsmith.data import generated, sources
 from chatsmith.model import GPT
 from chatsmith.tokenizer import Tokenizer
 from chatsmith.tools import calculate
@@ -29,11 +29,11 @@ def sft_identity_questions() -> set[str]:
     """Every user turn the SFT identity source can write: each question of each intent, after each greeting (the
     first question of a conversation) or bare (a second question)."""
     out = set()
-    for lang, intents in (("en", chat._ID_EN), ("zh", chat._ID_ZH)):
+    for lang, intents in (("en", generated._ID_EN), ("zh", generated._ID_ZH)):
         for questions, _ in intents.values():
             for q in questions:
                 out.add(q)
-                for greeting in chat._ID_GREETINGS[lang]:
+                for greeting in generated._ID_GREETINGS[lang]:
                     out.add(greeting + (q[0].lower() + q[1:] if greeting.endswith(", ") else q))
     return out
 
@@ -41,7 +41,7 @@ def sft_identity_questions() -> set[str]:
 def test_the_enumeration_covers_what_the_identity_source_draws():
     every = sft_identity_questions()
     rng = random.Random(0)
-    drawn = {m["content"] for _ in range(20000) for m in chat._identity_draw(rng)[1] if m["role"] == "user"}
+    drawn = {m["content"] for _ in range(20000) for m in generated._identity_draw(rng)[1] if m["role"] == "user"}
     assert drawn <= every and len(drawn) > 0.9 * len(every)  # the test below compares against all of them
 
 
@@ -53,8 +53,8 @@ def test_identity_phrasings_are_not_in_the_sft_data():
         assert not set(normal) & sft, set(normal) & sft
         assert all((checks.han_fraction(p) >= 0.5) == zh for p in prompts)
     # nor a longer SFT question (4+ words, 5+ han) with words around it ("Quick question: what is your name?")
-    longer = [checks.normalise(q) for intents in (chat._ID_EN, chat._ID_ZH) for qs, _ in intents.values() for q in qs
-              if (len(q.split()) >= 4 if checks.han_fraction(q) < 0.5 else len(checks.normalise(q)) >= 5)]
+    longer = [checks.normalise(q) for intents in (generated._ID_EN, generated._ID_ZH) for qs, _ in intents.values()
+              for q in qs if (len(q.split()) >= 4 if checks.han_fraction(q) < 0.5 else len(checks.normalise(q)) >= 5)]
     padded = [(p, q) for p in checks.IDENTITY_EN + checks.IDENTITY_ZH for q in longer if q in checks.normalise(p)]
     assert len(longer) > 20 and not padded, padded
     assert checks.normalise("Hey, WHAT'S  your name？") == checks.normalise("hey what's your name?")
@@ -71,10 +71,10 @@ def test_held_out_arithmetic_is_never_a_train_problem():
     assert len({p.expression for p in problems}) == 200 and sum(p.zh for p in problems) == 100
     assert {p.op for p in problems} == {"+", "-", "*"}
     assert all(10 <= p.a <= 999 and 10 <= p.b <= 999 for p in problems)
-    assert all(chat.hash_split(p.expression, "arithmetic") == "val" for p in problems)
+    assert all(generated.hash_split(p.expression, "arithmetic") == "val" for p in problems)
     assert all(calculate(p.expression) == str(p.result) for p in problems)  # the result, by the calculator
     assert all(checks.han_fraction(p.question) >= 0.5 for p in problems if p.zh)
-    trained = {c["arguments"]["expression"] for conv in chat.arithmetic_conversations("train", 20000, 1337)
+    trained = {c["arguments"]["expression"] for conv in generated.arithmetic_conversations("train", 20000, 1337)
                for m in conv for c in m.get("tool_calls") or []}
     same_shape = {e for e in trained if re.fullmatch(r"\d{2,3} [-+*] \d{2,3}", e)}
     assert len(same_shape) > 1000  # the train source does write problems of this shape...

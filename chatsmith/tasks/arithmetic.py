@@ -4,7 +4,7 @@ numbers), each a seeded set of 2,000 problems judged by reasoning-gym's own scor
 2,000 so that a whole set tells apart accuracies two points apart near 95 % (its 95 % interval there is about
 +-1 point; 500 problems gave +-2); `--limit N` takes a seeded subset when that is enough.
 
-Seeds: SFT's arithmetic conversations come from chatsmith's own generator (data/chat.py), not from reasoning-gym, and
+Seeds: SFT's arithmetic conversations come from chatsmith's generator (data/generated.py), not from reasoning-gym, and
 nothing in chatsmith trains on reasoning-gym draws near EVAL_SEED (item i is drawn with Random(seed + i), so a
 trainer that uses reasoning-gym must keep its seeds outside EVAL_SEED .. EVAL_SEED + SIZE); tests/test_tasks.py
 checks that no SFT arithmetic question equals an eval question. Sizes are kept small (2-3 terms, up to 3 digits)

@@ -5,7 +5,7 @@ Each item: an idiom and four 释义, one its own, three of other idioms drawn wi
 models score `成语“{idiom}”的意思是：` + 释义 by log-likelihood (no delimiter: Chinese has no space), chat models
 answer with a letter after the Chinese question.
 
-Held out: only idioms in the `val` split of data/chat.py's `hash_split(idiom, "idioms")`, which SFT never trains on
+Held out: only idioms in the `val` split of data/generated.py's `hash_split(idiom, "idioms")`, which SFT never trains on
 (SFT's idiom conversations come from the `train` split), ~2 % of the 30,895: about 600 items. Pretraining text does
 include the whole idiom list when a run's sources hold `pkg:idioms` (the default), so for a base model this also
 measures how well it kept what it read.
@@ -21,7 +21,7 @@ N_CHOICES = 4
 
 
 def build_items(entries: list[dict], split: str = "val") -> list[MCItem]:
-    from ..data.chat import hash_split
+    from ..data.generated import hash_split
 
     meanings = sorted({e["释义"] for e in entries})
     items, seen = [], set()
@@ -44,7 +44,7 @@ def build_items(entries: list[dict], split: str = "val") -> list[MCItem]:
 
 
 def load(source: str) -> list[MCItem]:  # from the installed package, whatever the source
-    from ..data.chat import idiom_entries
+    from ..data.generated import idiom_entries
 
     return build_items(list(idiom_entries()))
 
