@@ -39,8 +39,9 @@ training sees; the final answer must also be in the language asked, as the check
 `calc_checks` (the two in turn: reasoning-gym's English-only questions alone let the Chinese arithmetic replies drift
 to English), `identity` (the SFT identity source's "who are you" questions in English and Chinese; reward 1 when the
 reply says chatsmith in the language asked, the identity check's rule; the checks' own phrasings are never asked),
-`assistant` (calc, checks and identity in turn) and `seven` (a toy: any reply that says 7 scores 1; for tests). Train and held-out questions are
-split by a hash of the question text (of the expression for `checks`), so they never overlap, whatever the seeds.
+`assistant` (calc, checks and identity in turn) and `seven` (a toy: any reply that says 7 scores 1; for tests).
+Train and held-out questions are split by a hash of the question text (of the expression for `checks`), so they
+never overlap, whatever the seeds.
 """
 
 from __future__ import annotations

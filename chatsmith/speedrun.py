@@ -9,7 +9,8 @@ Stages: documents + tokenizer (`tokenizer train`) → token shards (`data prepar
 chat fine-tuning (`sft`) → RL (`rl`: GRPO with the calculator, on the preset's task; `--no-rl` skips it) → the assistant
 checks of checks.py, once, on the final model (at the end of RL, or of SFT without RL) → evaluation of the base,
 SFT and RL models (`eval`: `--eval-limit` items per task, the `--eval-full` tasks on `--eval-full-limit` items (0:
-their whole sets), replies up to `--eval-max-tokens`) → the report card (`report`); then it prints where the report is and how to chat and serve.
+their whole sets), replies up to `--eval-max-tokens`) → the report card (`report`); then it prints where the report
+is and how to chat and serve.
 Each stage skips work already done in the run directory, so rerunning after an interruption continues where it
 stopped (pretraining, SFT and RL resume from their latest checkpoints). `--minutes N` scales the step budgets of
 the three training stages by N / `--budget-minutes` (what the preset is sized for); the other stages take the time
