@@ -222,8 +222,8 @@ class SFTStage:
 
 
 # RL (chatsmith/rl.py): GRPO on the chat model; its sections live here so the speedrun can hold them
-RL_TASKS = ("arithmetic", "chain_sum", "calc", "gsm_symbolic", "gsm8k", "checks", "calc_checks", "identity", "assistant",
-            "seven")
+RL_TASKS = ("arithmetic", "chain_sum", "calc", "gsm_symbolic", "gsm8k", "checks", "calc_checks", "identity",
+            "assistant", "seven")
 
 
 @dataclass(frozen=True)
