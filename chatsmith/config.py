@@ -320,7 +320,7 @@ def preset_cpu() -> dict[str, dict[str, Any]]:
         "data": {"train_fraction": 0.3},
         "tokenizer": {"vocab_size": 8192, "train_chars": 10_000_000},
         "model": {"depth": 4, "aspect": 64, "head_dim": 64, "seq_len": 512},
-        "train": {"steps": 300, "device_batch": 8, "eval_every": 150, "eval_tokens": 65536, "ckpt_every": 75},
+        "train": {"steps": 280, "device_batch": 8, "eval_every": 140, "eval_tokens": 65536, "ckpt_every": 70},
         "sft": {"mixture": ("identity:1", "arithmetic:4", "idioms:0.5", "sharegpt:1", "chatterbot:1"),
                 "max_convs": 3000, "max_chars": 1000},
         "sft_optim": {"matrix_lr": 0.01, "embed_lr": 0.1, "head_lr": 0.002, "scalar_lr": 0.02},
