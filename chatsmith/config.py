@@ -168,7 +168,7 @@ class SpeedrunConfig:
                          min=0.0, max=10**6)
     budget_minutes: float = opt(15.0, "the wall minutes the preset's step budgets are sized for (the cpu preset: 15 "
                                       "on a 2-core CPU)", min=0.01, max=10**6)
-    rl: bool = opt(True, "run the RL stage (GRPO on arithmetic with the calculator) after SFT")
+    rl: bool = opt(True, "run the RL stage (GRPO with the calculator, on the RL --task) after SFT")
     eval_limit: int = opt(200, "items per task when the speedrun evaluates its models (`chatsmith eval` runs whole "
                                "sets on request); 0 skips the evaluation", min=0, max=10**9)
     eval_full: tuple[str, ...] = opt(("arc_easy",), "tasks evaluated on more items than --eval-limit (for an "

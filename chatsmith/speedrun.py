@@ -117,9 +117,8 @@ def scaled(cfg: config.SpeedrunStage) -> config.SpeedrunStage:
 def evaluate_model(cfg: config.SpeedrunStage, run: Path, model: str, clock: StageClock) -> None:
     """Evaluate the run's newest `model` ("base" | "sft" | "rl"): the stage's tasks (the base suite, or --chat-tasks)
     on --eval-limit items each, then the --eval-full tasks on --eval-full-limit items (0: their whole sets; evaluate
-    merges both into one result
-    file); a pass that finished for that checkpoint is not run again. Skipped with one line when there is no such
-    checkpoint."""
+    merges both into one result file); a pass that finished for that checkpoint is not run again. Skipped with one
+    line when there is no such checkpoint."""
     from . import checkpoint, evaluate
 
     sp = cfg.speedrun

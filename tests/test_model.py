@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_weights
 
 from chatsmith.common import UserError
 from chatsmith.model import (
@@ -34,15 +35,9 @@ CONFIGS = {
 
 
 def randomize(model: GPT, seed: int = 0) -> GPT:
-    """Random values for every weight (init_weights leaves o/down at zero, which would hide mapping errors)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return model
+    """Random values for every weight (init_weights leaves o/down at zero, which would hide mapping errors); the same
+    draws as conftest's helper with matrices at scale 0.3, the model left in training mode."""
+    return randomize_weights(model, seed, matrix_scale=0.3).train()
 
 
 def hf_twin(model: GPT, attn: str):
